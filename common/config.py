@@ -1,0 +1,420 @@
+"""Experiment configuration: defined once as frozen dataclasses, parsed once.
+
+YAML files, ``--set section.key=value`` overrides from the command line and
+Flower's run config (``[tool.flwr.app.config]``, keys like ``algorithm.name``)
+all map onto the same schema. Unknown keys and ill-typed values raise
+:class:`ConfigError`, whose message lists the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message says which key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Where site directories live. ``root/train/*`` trains, ``root/test/*`` is held out.
+    root: str = "data/procedural"
+    # Write the procedural benchmark into ``root`` when it is not there yet.
+    generate: bool = True
+    num_train_sites: int = 100
+    num_test_sites: int = 20
+    num_classes: int = 1200
+    classes_per_site: int = 16
+    records_per_class: int = 8
+    modalities: tuple[str, ...] = ("image", "audio", "series")
+    # FedMultimodal-style missing data: a site lacks a modality with this
+    # probability; a record lacks a present modality with the second one.
+    site_missing_rate: float = 0.2
+    record_missing_rate: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    ways: int = 5
+    # Support shots at meta-test (and at training unless train_shots is set).
+    shots: int = 1
+    # Reptile trains better with more support shots than it is tested with.
+    train_shots: int = 0  # 0: same as shots
+    query_shots: int = 5
+    # Episodes per site per round: the client's meta-batch.
+    episodes_per_round: int = 8
+
+    @property
+    def effective_train_shots(self) -> int:
+        return self.train_shots or self.shots
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: int = 32  # conv channels per encoder layer
+    embed_dim: int = 64  # per-modality embedding width
+    fusion: str = "attention"  # early | late | attention
+    groups: int = 4  # GroupNorm groups
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: str = "reptile"  # fedavg | reptile | fomaml | maml | metasgd
+    inner_steps: int = 5
+    inner_lr: float = 0.1
+    eval_inner_steps: int = 10
+    # MAML-family: second-order unless this is set.
+    first_order: bool = False
+    # MAML-family and Meta-SGD: a client takes this many local meta-steps of size
+    # client_meta_lr on its episodes before it replies (FedMeta's client step).
+    client_meta_lr: float = 0.5
+    local_meta_steps: int = 1
+
+
+@dataclass(frozen=True)
+class ServerOptConfig:
+    name: str = "sgd"  # sgd | adam
+    lr: float = 1.0  # Reptile's outer step size epsilon
+    momentum: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    schedule: str = "constant"  # constant | linear (anneal to 0 at the last round)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 30
+    # Sites per round: a fixed count, or a fraction of the available sites when
+    # fraction > 0. Poisson sampling (each site independently) when poisson=true.
+    sites_per_round: int = 10
+    fraction: float = 0.0
+    poisson: bool = False
+    min_sites: int = 1
+    eval_every: int = 5
+    eval_episodes: int = 200
+    checkpoint_every: int = 5
+    round_timeout: float = 600.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RecordDPConfig:
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    # Poisson sample rate of a site's records for each support set.
+    sample_rate: float = 0.5
+    target_epsilon: float = 0.0  # > 0: plan noise_multiplier from it
+    max_epsilon: float = math.inf  # a site refuses to train past this
+    delta: float = 1e-5
+    accountant: str = "rdp"  # rdp | prv
+
+
+@dataclass(frozen=True)
+class ClientDPConfig:
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    record: RecordDPConfig = field(default_factory=RecordDPConfig)
+    client: ClientDPConfig = field(default_factory=ClientDPConfig)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Simulation: one worker per core by default.
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.fusion": ("early", "late", "attention"),
+    "algorithm.name": ("fedavg", "reptile", "fomaml", "maml", "metasgd"),
+    "server_opt.name": ("sgd", "adam"),
+    "server_opt.schedule": ("constant", "linear"),
+    "privacy.record.accountant": ("rdp", "prv"),
+    "privacy.client.accountant": ("rdp", "prv"),
+    "runtime.dtype": ("float32", "float64"),
+}
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key the schema accepts."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys.extend(valid_keys(tp, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a string override) to type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, key) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: unsupported union type")  # not used in the schema
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # accepts "inf"
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        key = prefix + unknown[0]
+        raise ConfigError(
+            f"unknown config key '{key}'. Valid keys: " + ", ".join(valid_keys(Config))
+        )
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        tp, key, value = hints[f.name], prefix + f.name, values[f.name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+            kwargs[f.name] = _build(tp, value, key + ".")
+        else:
+            kwargs[f.name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``; Flower spells keys with dashes, we accept both."""
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        parts = dotted.replace("-", "_").split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{dotted}' conflicts with a value set above it")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (YAML-safe: tuples become lists)."""
+
+    def convert(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: convert(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [convert(x) for x in v]
+        return v
+
+    return convert(config)
+
+
+def flatten(config: Any) -> dict[str, Any]:
+    """``Config`` -> ``{"algorithm.name": "reptile", ...}``."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: Mapping[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(to_dict(config), "")
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"algorithm.inner_steps=10"`` -> ``("algorithm.inner_steps", 10)`` (YAML-typed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def validate(config: Config) -> Config:
+    """Check choices and ranges that the types alone do not express."""
+    flat = flatten(config)
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {flat[key]!r}")
+    positive_ints = [
+        "episodes.ways", "episodes.shots", "episodes.query_shots", "episodes.episodes_per_round",
+        "algorithm.eval_inner_steps", "federation.rounds", "federation.eval_episodes",
+        "data.num_train_sites", "model.hidden", "model.embed_dim",
+        "algorithm.local_meta_steps",
+    ]
+    for key in positive_ints:
+        if flat[key] < 1:
+            raise ConfigError(f"{key} must be at least 1; got {flat[key]}")
+    if config.algorithm.inner_steps < 0:
+        raise ConfigError(f"algorithm.inner_steps must be >= 0; got {config.algorithm.inner_steps}")
+    if not 0.0 <= config.federation.fraction <= 1.0:
+        raise ConfigError(f"federation.fraction must be in [0, 1]; got {config.federation.fraction}")
+    if config.federation.fraction == 0.0 and config.federation.sites_per_round < 1:
+        raise ConfigError("federation.sites_per_round must be at least 1 (or set federation.fraction)")
+    if config.episodes.ways > config.data.classes_per_site:
+        raise ConfigError(
+            f"episodes.ways={config.episodes.ways} exceeds data.classes_per_site="
+            f"{config.data.classes_per_site}: lower ways or give sites more classes"
+        )
+    if config.model.hidden % config.model.groups or config.model.embed_dim % config.model.groups:
+        raise ConfigError(
+            f"model.groups={config.model.groups} must divide model.hidden={config.model.hidden} "
+            f"and model.embed_dim={config.model.embed_dim}"
+        )
+    rec = config.privacy.record
+    if rec.enabled and not 0.0 < rec.sample_rate <= 1.0:
+        raise ConfigError(f"privacy.record.sample_rate must be in (0, 1]; got {rec.sample_rate}")
+    for level in ("record", "client"):
+        dp = getattr(config.privacy, level)
+        if dp.enabled and not (dp.clip_norm > 0):
+            raise ConfigError(f"privacy.{level}.clip_norm must be > 0; got {dp.clip_norm}")
+        if dp.enabled and dp.noise_multiplier < 0:
+            raise ConfigError(f"privacy.{level}.noise_multiplier must be >= 0")
+        if not 0.0 < dp.delta < 1.0:
+            raise ConfigError(f"privacy.{level}.delta must be in (0, 1); got {dp.delta}")
+    if config.privacy.client.enabled and config.federation.fraction <= 0.0:
+        raise ConfigError(
+            "client-level DP needs Poisson sampling of sites: set federation.fraction "
+            "(the per-site sampling rate q) and federation.poisson=true"
+        )
+    return config
+
+
+def from_dict(values: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build a validated :class:`Config` from nested values plus dotted overrides."""
+    merged = _merge(dict(values or {}), _nest(overrides or {}))
+    return validate(_build(Config, merged, ""))
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | list[str] | None = None,
+) -> Config:
+    """Load a YAML experiment file and apply overrides (``["a.b=1"]`` or ``{"a.b": 1}``)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (give the path of a YAML file)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+        values = dict(loaded)
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    return from_dict(values, overrides)
+
+
+def save(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def from_run_config(run_config: Mapping[str, Any], base: Config | None = None) -> Config:
+    """Flower's ``context.run_config`` (dotted keys, dashes allowed) -> Config.
+
+    A ``config-file`` key, when present and non-empty, names a YAML file that is
+    loaded first; the other keys override it.
+    """
+    flat = dict(run_config)
+    config_file = flat.pop("config-file", flat.pop("config_file", ""))
+    base_values = to_dict(base) if base is not None else {}
+    if config_file:
+        base_values = _merge(base_values, to_dict(load(config_file)))
+    return from_dict(base_values, flat)
