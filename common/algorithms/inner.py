@@ -1,0 +1,132 @@
+"""The inner loop: one ``adapt()`` for training and evaluation.
+
+A model is only ever called as ``functional_call(model, params, (inputs, masks))``
+so that adaptation is a pure function of a parameter dict. Gradients come from
+``torch.func.grad``, which composes with itself (second-order MAML) and with
+``torch.func.vmap`` (a meta-batch of episodes at once; per-example gradients
+for DP-SGD). Parameters are never assigned through ``.data``: that would cut
+the graph and make every meta-gradient silently first-order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from common.tree import Tree
+
+Batch = dict  # see common/data/schema.py for the layout
+
+# Meta-SGD keeps one learned inner learning rate per parameter in the same
+# tree as the weights, under this prefix, so the server treats them alike.
+LR_PREFIX = "inner_lr/"
+
+
+def model_part(params: Mapping[str, torch.Tensor]) -> Tree:
+    """The model's own weights (everything but Meta-SGD's learning rates)."""
+    return {k: v for k, v in params.items() if not k.startswith(LR_PREFIX)}
+
+
+def lr_part(params: Mapping[str, torch.Tensor]) -> Tree:
+    """Meta-SGD's per-parameter learning rates, keyed like the weights they scale."""
+    return {k[len(LR_PREFIX):]: v for k, v in params.items() if k.startswith(LR_PREFIX)}
+
+
+def logits(model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+    return functional_call(model, dict(params), (batch["inputs"], batch["masks"]))
+
+
+def example_losses(model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+    return F.cross_entropy(logits(model, params, batch), batch["labels"], reduction="none")
+
+
+def batch_loss(model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy over the real records (padding has weight 0)."""
+    weights = batch["weights"]
+    return (example_losses(model, params, batch) * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def batch_accuracy(model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+    weights = batch["weights"]
+    correct = (logits(model, params, batch).argmax(dim=-1) == batch["labels"]).to(weights.dtype)
+    return (correct * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+# A gradient oracle: (params, batch, step) -> gradient tree. The default is the
+# exact gradient of the batch loss; DP-SGD plugs in a clipped, noised one.
+GradientFn = Callable[[Tree, Batch, int], Tree]
+
+
+def loss_gradient(model: nn.Module) -> GradientFn:
+    def gradient(params: Tree, batch: Batch, step: int) -> Tree:
+        return torch.func.grad(lambda p: batch_loss(model, p, batch))(params)
+
+    return gradient
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """Settings of one inner loop (hyperparameters only; no data, no state)."""
+
+    inner_steps: int
+    inner_lr: float
+    # Stop gradients through the inner gradients (FOMAML / Reptile): the
+    # adapted weights still depend on theta, but only through the identity.
+    first_order: bool = True
+
+
+def adapt(
+    model: nn.Module,
+    params: Tree,
+    support: Batch,
+    *,
+    loop: InnerLoop,
+    learning_rates: Tree | None = None,
+    gradient: GradientFn | None = None,
+) -> Tree:
+    """``loop.inner_steps`` steps of gradient descent on the support set.
+
+    ``params`` are model weights only. ``learning_rates`` (Meta-SGD, Li et al.
+    2017, arXiv 1707.09835) are per-parameter rates that replace
+    ``loop.inner_lr``. Differentiable in ``params`` (and the rates) unless
+    ``loop.first_order``. Works unchanged under ``torch.func.vmap``.
+    """
+    gradient = gradient or loss_gradient(model)
+    adapted = dict(params)
+    for step in range(loop.inner_steps):
+        grads = gradient(adapted, support, step)
+        if loop.first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        if learning_rates is None:
+            adapted = {k: adapted[k] - loop.inner_lr * grads[k] for k in adapted}
+        else:
+            adapted = {k: adapted[k] - learning_rates[k] * grads[k] for k in adapted}
+    return adapted
+
+
+def merge_support_query(episode: Mapping[str, Batch]) -> Batch:
+    """All labelled records of an episode as one batch (FedAvg trains on all of them)."""
+    support, query = episode["support"], episode["query"]
+
+    def cat(a, b):
+        if isinstance(a, dict):
+            return {k: cat(a[k], b[k]) for k in a}
+        return torch.cat([a, b], dim=0)
+
+    return cat(support, query)
+
+
+def index_episode(episodes: Mapping, i: int):
+    """Episode ``i`` of a meta-batch (leading axis E on every tensor)."""
+    if isinstance(episodes, Mapping):
+        return {k: index_episode(v, i) for k, v in episodes.items()}
+    return episodes[i]
+
+
+def num_episodes(episodes: Mapping) -> int:
+    return int(episodes["support"]["labels"].shape[0])

@@ -1,0 +1,112 @@
+"""Per-episode reference implementations with ``torch.autograd``.
+
+A plain Python loop over episodes, gradients from ``torch.autograd.grad``
+(``create_graph`` for second order). Written independently of the vmapped
+path so that tests can check one against the other, and so the benchmark
+has a baseline to compare with.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.algorithms.base import ClientHParams, ClientResult
+from common.algorithms.inner import (
+    batch_accuracy,
+    batch_loss,
+    index_episode,
+    lr_part,
+    merge_support_query,
+    model_part,
+    num_episodes,
+)
+from common.tree import Tree
+
+
+def adapt_reference(
+    model: nn.Module,
+    params: Tree,
+    support: dict,
+    *,
+    inner_steps: int,
+    inner_lr: float,
+    first_order: bool,
+    learning_rates: Tree | None = None,
+) -> Tree:
+    adapted = dict(params)
+    names = list(adapted)
+    for _ in range(inner_steps):
+        loss = batch_loss(model, adapted, support)
+        grads = torch.autograd.grad(loss, [adapted[k] for k in names], create_graph=not first_order)
+        rates = learning_rates or {k: inner_lr for k in names}
+        adapted = {k: adapted[k] - rates[k] * g for k, g in zip(names, grads)}
+    return adapted
+
+
+def _requires_grad(params: Tree) -> Tree:
+    return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+
+
+def reptile_reference(*, model, params, episodes, hparams: ClientHParams) -> ClientResult:
+    loop = hparams.loop
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    n = num_episodes(episodes)
+    for i in range(n):
+        episode = index_episode(episodes, i)
+        adapted = adapt_reference(model, _requires_grad(params), episode["support"],
+                                  inner_steps=loop.inner_steps, inner_lr=loop.inner_lr, first_order=True)
+        total = {k: total[k] + adapted[k].detach() for k in total}
+    return ClientResult(params={k: v / n for k, v in total.items()})
+
+
+def fedavg_reference(*, model, params, episodes, hparams: ClientHParams) -> ClientResult:
+    loop = hparams.loop
+    current = dict(params)
+    for i in range(num_episodes(episodes)):
+        episode = index_episode(episodes, i)
+        batch = merge_support_query(episode) if hparams.train_on_query else episode["support"]
+        current = adapt_reference(model, _requires_grad(current), batch,
+                                  inner_steps=loop.inner_steps, inner_lr=loop.inner_lr, first_order=True)
+        current = {k: v.detach() for k, v in current.items()}
+    return ClientResult(params=current)
+
+
+def meta_gradient_reference(*, model, params, episode, hparams: ClientHParams) -> Tree:
+    """One episode's meta-gradient (MAML, FOMAML, Meta-SGD) by plain autograd."""
+    leaves = _requires_grad(params)
+    loop = hparams.loop
+    rates = lr_part(leaves) or None
+    adapted = adapt_reference(model, model_part(leaves), episode["support"], inner_steps=loop.inner_steps,
+                              inner_lr=loop.inner_lr, first_order=loop.first_order, learning_rates=rates)
+    loss = batch_loss(model, adapted, episode["query"])
+    names = list(leaves)
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+    return {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, grads)}
+
+
+def maml_reference(*, model, params, episodes, hparams: ClientHParams) -> ClientResult:
+    from common.algorithms.maml import _split_episodes
+
+    current = {k: v.detach() for k, v in params.items()}
+    for chunk in _split_episodes(episodes, hparams.local_meta_steps):
+        n = num_episodes(chunk)
+        mean = {k: torch.zeros_like(v) for k, v in current.items()}
+        for i in range(n):
+            g = meta_gradient_reference(model=model, params=current, episode=index_episode(chunk, i), hparams=hparams)
+            mean = {k: mean[k] + g[k] / n for k in mean}
+        current = {k: current[k] - hparams.client_meta_lr * mean[k] for k in current}
+    return ClientResult(params=current)
+
+
+REFERENCES = {
+    "fedavg": fedavg_reference,
+    "reptile": reptile_reference,
+    "fomaml": maml_reference,
+    "maml": maml_reference,
+    "metasgd": maml_reference,
+}
+
+
+def query_accuracy_reference(model, params, episode) -> torch.Tensor:
+    return batch_accuracy(model, params, episode["query"])

@@ -1,0 +1,24 @@
+"""Algorithm names -> their functions, decided once here and nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from common.algorithms import fedavg, maml, metasgd, reptile
+from common.algorithms.base import Algorithm
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "fedavg": fedavg.ALGORITHM,
+    "reptile": reptile.ALGORITHM,
+    # FOMAML is MAML that never differentiates through the inner gradients.
+    "fomaml": replace(maml.ALGORITHM, name="fomaml", second_order=False),
+    "maml": maml.ALGORITHM,
+    "metasgd": metasgd.ALGORITHM,
+}
+
+
+def get_algorithm(name: str) -> Algorithm:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}") from None
