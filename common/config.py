@@ -36,6 +36,8 @@ class DataConfig:
     classes_per_site: int = 16
     records_per_class: int = 8
     modalities: tuple[str, ...] = ("image", "audio", "series")
+    # Optional YAML of custom modality specs (name -> kind, shape, dtype, vocab_size).
+    schema_file: str = ""
     # FedMultimodal-style missing data: a site lacks a modality with this
     # probability; a record lacks a present modality with the second one.
     site_missing_rate: float = 0.2

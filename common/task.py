@@ -8,4 +8,273 @@ functions. No Flower imports here.
 
 from __future__ import annotations
 
-# Implemented below the interface: see Task.
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from common import tree
+from common.algorithms import get_algorithm
+from common.algorithms.base import ClientHParams
+from common.config import Config, ConfigError
+from common.data.schema import ModalitySpec, Schema
+from common.evaluation import score_episodes, summarize, without_modality
+from common.tree import Tree
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device={name!r} but this machine has no CUDA device; use auto or cpu")
+    return device
+
+
+def resolve_schema(config: Config) -> Schema:
+    """The modalities every site and the model share.
+
+    ``data.schema_file`` (a YAML mapping of modality name -> kind, shape, dtype,
+    vocab_size) defines custom modalities; otherwise the built-in specs of the
+    procedural benchmark are used (the Omniglot and FEMNIST converters write the
+    same 1x28x28 ``image``).
+    """
+    from common.data.procedural import PROCEDURAL_SCHEMA
+
+    known: dict[str, ModalitySpec] = dict(PROCEDURAL_SCHEMA)
+    if config.data.schema_file:
+        path = Path(config.data.schema_file)
+        if not path.is_file():
+            raise ConfigError(f"data.schema_file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+            known = {name: ModalitySpec.from_dict(name, spec) for name, spec in raw.items()}
+        except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"{path}: not a valid modality schema ({err})") from None
+    unknown = [m for m in config.data.modalities if m not in known]
+    if unknown:
+        raise ConfigError(
+            f"data.modalities names {unknown}, which the schema does not define; known: {sorted(known)}"
+        )
+    return {m: known[m] for m in config.data.modalities}
+
+
+@dataclass
+class TrainResult:
+    params: Tree  # phi, on the CPU
+    num_episodes: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    num_episodes: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# Keys a server may send per round, and the config fields they override.
+ROUND_KEYS = {
+    "inner_steps": ("algorithm", "inner_steps", int),
+    "inner_lr": ("algorithm", "inner_lr", float),
+    "ways": ("episodes", "ways", int),
+    "shots": ("episodes", "shots", int),
+    "query_shots": ("episodes", "query_shots", int),
+    "episodes": ("episodes", "episodes_per_round", int),
+}
+
+
+class Task:
+    """The engine bound to one configuration (model, algorithm, schema, device)."""
+
+    def __init__(self, config: Config, *, schema: Schema | None = None, device: str | torch.device | None = None):
+        from common.models import build_model
+
+        self.config = config
+        self.device = torch.device(device) if device is not None else resolve_device(config.runtime.device)
+        self.dtype = _DTYPES[config.runtime.dtype]
+        self.schema = schema if schema is not None else resolve_schema(config)
+        self.algorithm = get_algorithm(config.algorithm.name)
+        self.model = build_model(config=config.model, schema=self.schema, ways=config.episodes.ways)
+        self.model.to(device=self.device, dtype=self.dtype)
+        self._sites: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- params
+    def initial_parameters(self, *, seed: int) -> Tree:
+        from common.models import initial_parameters
+
+        weights = initial_parameters(self.model, generator=torch.Generator().manual_seed(seed))
+        params = self.algorithm.init(weights, self.config.algorithm.inner_lr)
+        return {k: v.to(dtype=self.dtype).cpu() for k, v in params.items()}
+
+    @functools.cached_property
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.initial_parameters(seed=0).items()}
+
+    def check_parameters(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Raise ValueError if ``params`` do not fit this task's model."""
+        expected = self.parameter_shapes
+        got = {k: tuple(v.shape) for k, v in params.items()}
+        if got != expected:
+            missing = sorted(set(expected) - set(got))
+            extra = sorted(set(got) - set(expected))
+            wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+            raise ValueError(
+                f"parameters do not fit the model: missing {missing}, unexpected {extra}, wrong shape {wrong}; "
+                "server and site must use the same model, algorithm and data.modalities settings"
+            )
+
+    # ------------------------------------------------------------------ data
+    def load_site(self, site_dir: str | Path):
+        """A validated site, loaded once per process (keyed by path and manifest time)."""
+        from common.data import load_site
+
+        path = Path(site_dir).resolve()
+        manifest = path / "manifest.yaml"
+        key = f"{path}:{manifest.stat().st_mtime_ns if manifest.exists() else 0}"
+        if key not in self._sites:
+            needed = self.config.episodes.shots + self.config.episodes.query_shots
+            self._sites[key] = load_site(path, schema=self.schema, min_records_per_class=0)
+            self._check_site_can_serve(self._sites[key], needed)
+        return self._sites[key]
+
+    def _check_site_can_serve(self, site, needed: int) -> None:
+        from common.data import SiteDataError
+
+        counts = site.records_per_class()
+        eligible = sum(1 for c in counts.values() if c >= needed) if isinstance(counts, Mapping) else sum(
+            1 for c in counts if c >= needed
+        )
+        ways = self.config.episodes.ways
+        if eligible < ways:
+            raise SiteDataError(
+                f"{site.site_dir}: only {eligible} classes have the {needed} records an episode needs "
+                f"({self.config.episodes.shots} shots + {self.config.episodes.query_shots} query) but "
+                f"episodes.ways={ways}; add records, or lower episodes.ways / shots / query_shots"
+            )
+
+    def sample_episodes(self, site, *, num_episodes: int, shots: int, generator: torch.Generator,
+                        ways: int | None = None, query_shots: int | None = None) -> dict:
+        from common.data import sample_episodes
+
+        return sample_episodes(
+            site,
+            schema=self.schema,
+            ways=ways or self.config.episodes.ways,
+            shots=shots,
+            query_shots=query_shots or self.config.episodes.query_shots,
+            num_episodes=num_episodes,
+            generator=generator,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    # ----------------------------------------------------------------- train
+    def round_settings(self, round_config: Mapping[str, Any] | None) -> dict[str, Any]:
+        """This round's settings: the config, overridden by what the server sent."""
+        cfg = self.config
+        settings = {
+            "inner_steps": cfg.algorithm.inner_steps,
+            "inner_lr": cfg.algorithm.inner_lr,
+            "ways": cfg.episodes.ways,
+            "shots": cfg.episodes.effective_train_shots,
+            "query_shots": cfg.episodes.query_shots,
+            "episodes": cfg.episodes.episodes_per_round,
+        }
+        for key, value in (round_config or {}).items():
+            if key in ROUND_KEYS:
+                settings[key] = ROUND_KEYS[key][2](value)
+        if settings["ways"] != cfg.episodes.ways:
+            raise ValueError(
+                f"the server asks for {settings['ways']}-way episodes but this site's model has "
+                f"{cfg.episodes.ways} outputs; set episodes.ways the same on both"
+            )
+        return settings
+
+    def hparams(self, settings: Mapping[str, Any]) -> ClientHParams:
+        cfg = self.config.algorithm
+        return self.algorithm.hparams(
+            inner_steps=settings["inner_steps"],
+            inner_lr=settings["inner_lr"],
+            first_order=cfg.first_order,
+            client_meta_lr=cfg.client_meta_lr,
+            local_meta_steps=cfg.local_meta_steps,
+        )
+
+    def train_on_site(
+        self,
+        params: Mapping[str, torch.Tensor],
+        site,
+        *,
+        round_config: Mapping[str, Any] | None = None,
+        generator: torch.Generator,
+    ) -> TrainResult:
+        """One round at one site: draw a meta-batch of episodes, run the algorithm."""
+        settings = self.round_settings(round_config)
+        episodes = self.sample_episodes(
+            site, num_episodes=settings["episodes"], shots=settings["shots"],
+            query_shots=settings["query_shots"], generator=generator,
+        )
+        theta = tree.to(dict(params), device=self.device, dtype=self.dtype)
+        result = self.algorithm.client_update(
+            model=self.model, params=theta, episodes=episodes, hparams=self.hparams(settings)
+        )
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        return TrainResult(
+            params={k: v.detach().cpu() for k, v in result.params.items()},
+            num_episodes=settings["episodes"],
+            metrics=metrics,
+        )
+
+    # ------------------------------------------------------------ evaluation
+    def _scores(self, params: Tree, episodes: dict) -> torch.Tensor:
+        cfg = self.config.algorithm
+        return score_episodes(
+            self.model, params, episodes, inner_steps=cfg.eval_inner_steps, inner_lr=cfg.inner_lr
+        )
+
+    def evaluate_on_site(
+        self, params: Mapping[str, torch.Tensor], site, *, num_episodes: int, generator: torch.Generator
+    ) -> EvalResult:
+        """Adapt on the site's support sets, score its query sets."""
+        theta = tree.to(dict(params), device=self.device, dtype=self.dtype)
+        episodes = self.sample_episodes(site, num_episodes=num_episodes, shots=self.config.episodes.shots,
+                                        generator=generator)
+        scores = self._scores(theta, episodes)
+        return EvalResult(
+            num_episodes=num_episodes,
+            metrics={"accuracy": float(scores.accuracy.double().mean()), "loss": float(scores.loss.double().mean())},
+        )
+
+    def meta_test(
+        self,
+        params: Mapping[str, torch.Tensor],
+        sites: Sequence[Any],
+        *,
+        num_episodes: int,
+        generator: torch.Generator,
+        ablate_modalities: bool = True,
+    ) -> dict:
+        """The FedMeta protocol over held-out sites (see :mod:`common.evaluation`)."""
+        if not sites:
+            raise ValueError("meta-test needs at least one held-out site")
+        theta = tree.to(dict(params), device=self.device, dtype=self.dtype)
+        per_site_episodes = max(1, math.ceil(num_episodes / len(sites)))
+        per_site: dict[str, torch.Tensor] = {}
+        ablations: dict[str, dict[str, torch.Tensor]] = {m: {} for m in self.schema} if ablate_modalities and len(self.schema) > 1 else {}
+        for site in sites:
+            episodes = self.sample_episodes(site, num_episodes=per_site_episodes, shots=self.config.episodes.shots,
+                                            generator=generator)
+            per_site[str(site.site_id)] = self._scores(theta, episodes).accuracy.cpu()
+            for modality in ablations:
+                ablations[modality][str(site.site_id)] = self._scores(
+                    theta, without_modality(episodes, modality)
+                ).accuracy.cpu()
+        return summarize(per_site, ablations)
