@@ -1,0 +1,121 @@
+"""Which site a ClientApp serves, and the per-process caches behind it.
+
+A ClientApp object is rebuilt for every message, but the worker process that
+runs it lives on (a Ray actor in simulation, a SuperNode's app process in
+deployment). So the engine (model, algorithm) and the loaded site data are kept
+in module-level caches keyed by config and by path: each process builds a Task
+once and reads a site directory once.
+
+Where a node's site is:
+- deployment: the ``data-path`` key of the node config
+  (``flower-supernode --node-config 'data-path="/srv/site"'``);
+- simulation: the ``partition-id``-th directory (sorted by name) under
+  ``data.root/train``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.wire import APP_KEYS
+from common.config import Config, from_run_config
+
+DATA_PATH_KEY = "data-path"
+SITE_ID_KEY = "site-id"
+PARTITION_ID_KEY = "partition-id"
+
+_lock = threading.Lock()
+_tasks: dict[Config, Any] = {}
+_configs: dict[tuple, Config] = {}
+_threads_set = False
+
+
+class SiteLookupError(ValueError):
+    """The node config does not lead to a site directory."""
+
+
+def train_site_dirs(root: str | Path) -> list[Path]:
+    """The train site directories of a data root, sorted by name (partition order)."""
+    train = Path(root) / "train"
+    if not train.is_dir():
+        return []
+    return sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_site_dirs(root: str | Path) -> list[Path]:
+    """The held-out site directories of a data root, sorted by name."""
+    test = Path(root) / "test"
+    if not test.is_dir():
+        return []
+    return sorted(p for p in test.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+@dataclass(frozen=True)
+class SiteRef:
+    site_id: str
+    path: Path | None  # None when the node config leads nowhere
+    problem: str = ""  # why path is None
+
+
+def site_ref(config: Config, node_config: Mapping[str, Any]) -> SiteRef:
+    """Find this node's site directory from its node config (never raises)."""
+    if DATA_PATH_KEY in node_config and str(node_config[DATA_PATH_KEY]):
+        path = Path(str(node_config[DATA_PATH_KEY])).expanduser().resolve()
+        site_id = str(node_config.get(SITE_ID_KEY, "") or path.name)
+        return SiteRef(site_id, path)
+    if PARTITION_ID_KEY in node_config:
+        pid = int(node_config[PARTITION_ID_KEY])
+        dirs = train_site_dirs(config.data.root)
+        if 0 <= pid < len(dirs):
+            return SiteRef(dirs[pid].name, dirs[pid].resolve())
+        return SiteRef(
+            f"partition-{pid}",
+            None,
+            f"partition-id {pid} has no site: {len(dirs)} site directories under "
+            f"{Path(config.data.root) / 'train'} (give the simulation one node per site)",
+        )
+    return SiteRef(
+        "unknown",
+        None,
+        f"the node config has neither '{DATA_PATH_KEY}' nor '{PARTITION_ID_KEY}': start the "
+        f"SuperNode with --node-config '{DATA_PATH_KEY}=\"/path/to/site\"'",
+    )
+
+
+def resolve_config(bound: Config | None, run_config: Mapping[str, Any]) -> Config:
+    """The config bound into the app (simulate command) or parsed from Flower's run config."""
+    if bound is not None:
+        return bound
+    run_config = {k: v for k, v in run_config.items() if k not in APP_KEYS}
+    key = tuple(sorted((str(k), repr(v)) for k, v in run_config.items()))
+    with _lock:
+        if key not in _configs:
+            _configs[key] = from_run_config(run_config)
+        return _configs[key]
+
+
+def get_task(config: Config) -> Any:
+    """One engine per process and config (the model and algorithm are built once)."""
+    global _threads_set
+    from common.task import Task  # imported late: the engine pulls in the model code
+
+    with _lock:
+        if not _threads_set:
+            torch.set_num_threads(max(1, int(config.runtime.torch_threads)))
+            _threads_set = True
+        if config not in _tasks:
+            _tasks[config] = Task(config)
+        return _tasks[config]
+
+
+def load_site(task: Any, ref: SiteRef) -> Any:
+    """The validated site data (the Task caches it per path); raises ValueError."""
+    if ref.path is None:
+        raise SiteLookupError(ref.problem)
+    return task.load_site(ref.path)

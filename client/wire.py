@@ -1,0 +1,54 @@
+"""What travels between the ServerApp and a ClientApp, in one place.
+
+A train or evaluate instruction carries the global parameters theta as an
+``ArrayRecord`` under ``"arrays"`` (one ``Array`` per parameter name, names
+kept) and the round's settings as a ``ConfigRecord`` under ``"config"``. A train
+reply carries the site's adapted weights phi the same way, plus a
+``MetricRecord`` under ``"metrics"`` whose ``"num-examples"`` is the number of
+episodes the site used. Arrays never travel through metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from common.tree import Tree
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+NUM_EXAMPLES = "num-examples"
+
+# The ConfigRecord of a train instruction (the client merges these over its config).
+TRAIN_KEYS = ("round", "inner_steps", "inner_lr", "ways", "shots", "query_shots", "episodes", "seed")
+# The ConfigRecord of an evaluate instruction.
+EVALUATE_KEYS = ("round", "inner_steps", "ways", "shots", "query_shots", "episodes", "seed")
+
+# Run-config keys about the run itself, not the experiment (not in the Config schema):
+# ``resume`` names a run directory to continue (``flwr run . --run-config 'resume="runs/x"'``).
+RESUME_KEY = "resume"
+APP_KEYS = (RESUME_KEY,)
+
+# Message type of the one-off query asking a node which site it serves.
+QUERY_SITE = "query"
+SITE_ID = "site-id"
+
+
+def tree_to_record(params: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """``dict[str, Tensor]`` -> ``ArrayRecord`` with the same key names."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in params.items()})
+
+
+def record_to_tree(record: ArrayRecord) -> Tree:
+    """``ArrayRecord`` -> ``dict[str, Tensor]`` (CPU), keys kept."""
+    return {k: torch.from_numpy(np.array(arr.numpy(), copy=True)) for k, arr in record.items()}
+
+
+def record_nbytes(record: ArrayRecord) -> int:
+    """Serialized size of an ``ArrayRecord`` in bytes (what travels on the wire)."""
+    return sum(len(arr.data) for arr in record.values())

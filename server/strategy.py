@@ -1,0 +1,417 @@
+"""The meta-learning strategy: Flower's FedAvg with the outer step swapped in.
+
+Per round, over Flower's own loop (``Strategy.start``):
+
+- ``configure_train`` samples sites (a fixed count, a fraction, or Poisson
+  sampling where each site joins independently with probability ``fraction``)
+  from a generator seeded by ``(seed, round)``, and sends each the global
+  parameters and the round's settings, with a per-site seed derived from
+  ``(seed, round, site id)``.
+- ``aggregate_train`` validates every reply at the boundary (keys, shapes,
+  dtypes, finite values, a plausible ``num-examples``), counts and drops the
+  bad ones and the error replies, and applies
+  ``theta <- server_opt(theta, mean_i w_i (phi_i - theta))`` with weights =
+  episodes used, through :mod:`common.algorithms.server_opt` with state kept
+  across rounds. The mean goes through a pluggable aggregator
+  (:mod:`server.aggregation`) where client-level DP fits.
+- ``configure_evaluate`` / ``aggregate_evaluate`` run federated evaluation
+  (adapt on support, score query at sampled sites) when asked to: in
+  simulation the server meta-tests centrally on held-out sites instead.
+
+Flower's node ids are not stable across runs, so the strategy first asks each
+node which site it serves (a ``query`` message) and samples over site ids.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from client import wire
+from common import tree
+from common.algorithms import server_opt
+from common.config import Config
+from server.aggregation import Aggregator, WeightedMean
+from server.state import (
+    STREAM_EVAL_SAMPLING,
+    STREAM_SITE,
+    STREAM_TRAIN_SAMPLING,
+    ServerState,
+    derived_seed,
+    round_rng,
+)
+
+_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+           torch.bfloat16: "bfloat16", torch.int64: "int64", torch.int32: "int32"}
+
+
+def is_due(server_round: int, every: int, total: int) -> bool:
+    """Every ``every`` rounds and after the last one (``every <= 0``: the last only)."""
+    return server_round == total or (every > 0 and server_round % every == 0)
+
+
+def sample_sites(
+    sites: list[tuple[str, int]], config: Config, server_round: int, stream: int = STREAM_TRAIN_SAMPLING
+) -> list[tuple[str, int]]:
+    """Pick this round's ``(site id, node id)`` pairs; ``sites`` must be sorted.
+
+    Deterministic in ``(federation.seed, server_round, stream)`` and the list of sites.
+    """
+    fed = config.federation
+    n = len(sites)
+    if n == 0:
+        return []
+    rng = round_rng(fed.seed, server_round, stream)
+    if fed.poisson:
+        # Each site independently with probability q = fraction: the sampling that
+        # privacy amplification by subsampling assumes. The count varies (may be 0).
+        keep = rng.random(n) < fed.fraction
+        return [s for s, k in zip(sites, keep) if k]
+    k = expected_count(config, n)
+    chosen = np.sort(rng.choice(n, size=k, replace=False))
+    return [sites[i] for i in chosen]
+
+
+def expected_count(config: Config, num_sites: int) -> float:
+    """Sites sampled per round (the mean, under Poisson sampling)."""
+    fed = config.federation
+    if fed.poisson:
+        return fed.fraction * num_sites
+    if fed.fraction > 0:
+        k = int(round(fed.fraction * num_sites))
+    else:
+        k = fed.sites_per_round
+    return min(num_sites, max(k, fed.min_sites, 1))
+
+
+class MetaStrategy(FedAvg):
+    """Reptile / FedMeta outer step over Flower's message API."""
+
+    def __init__(
+        self,
+        config: Config,
+        state: ServerState,
+        *,
+        aggregator: Aggregator | None = None,
+        expected_nodes: int = 0,
+        round_offset: int = 0,
+        federated_eval: bool = False,
+        discovery_timeout: float | None = None,
+    ) -> None:
+        fed = config.federation
+        super().__init__(
+            fraction_train=fed.fraction if fed.fraction > 0 else 1.0,
+            fraction_evaluate=1.0 if federated_eval else 0.0,
+            min_train_nodes=fed.min_sites,
+            min_evaluate_nodes=fed.min_sites,
+            min_available_nodes=max(fed.min_sites, expected_nodes),
+            weighted_by_key=wire.NUM_EXAMPLES,
+            arrayrecord_key=wire.ARRAYS,
+            configrecord_key=wire.CONFIG,
+        )
+        self.config = config
+        self.state = state
+        self.aggregator: Aggregator = aggregator or WeightedMean()
+        if state.aggregator_state:
+            self.aggregator.load_state_dict(state.aggregator_state)
+        self.expected_nodes = max(expected_nodes, fed.min_sites)
+        self.round_offset = round_offset
+        self.federated_eval = federated_eval
+        self.discovery_timeout = fed.round_timeout if discovery_timeout is None else discovery_timeout
+        self.node_sites: dict[int, str] = {}  # node id -> site id
+        self.rounds: dict[int, dict[str, Any]] = {}  # per-round record
+        self._sent: dict[tuple[int, str], dict[int, tuple[str, int]]] = {}  # (round, kind) -> node -> (site, episodes)
+        self._dtypes = {k: _DTYPES.get(v.dtype, str(v.dtype).replace("torch.", "")) for k, v in state.params.items()}
+
+    # ------------------------------------------------------------------ helpers
+    def true_round(self, server_round: int) -> int:
+        """Flower counts rounds from 1 in every session; a resumed run is offset."""
+        return server_round + self.round_offset
+
+    def record(self, server_round: int) -> dict[str, Any]:
+        return self.rounds.setdefault(
+            server_round,
+            {
+                "sites_sampled": 0, "sites_replied": 0, "sites_failed": 0, "sites_invalid": 0,
+                "sites_missing": 0, "bytes_sent": 0, "bytes_received": 0, "failures": [],
+            },
+        )
+
+    def summary(self) -> None:
+        fed = self.config.federation
+        if fed.poisson:
+            how = f"Poisson sampling, q={fed.fraction}"
+        elif fed.fraction > 0:
+            how = f"fraction {fed.fraction} of sites per round"
+        else:
+            how = f"{fed.sites_per_round} sites per round"
+        log(INFO, "\t├──> Meta-learning: %s, outer step %s (lr %s)", self.config.algorithm.name,
+            self.config.server_opt.name, self.config.server_opt.lr)
+        log(INFO, "\t├──> Sampling: %s", how)
+        log(INFO, "\t└──> Federated evaluation: %s", "on" if self.federated_eval else "off (server meta-test)")
+
+    def discover(self, grid: Grid) -> list[tuple[str, int]]:
+        """Ask nodes not seen yet which site they serve; return sorted (site id, node id)."""
+        deadline = time.monotonic() + self.discovery_timeout
+        while len(node_ids := list(grid.get_node_ids())) < self.expected_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(node_ids)} of {self.expected_nodes} sites connected within "
+                    f"{self.discovery_timeout:.0f}s (federation.round_timeout)"
+                )
+            time.sleep(0.1)
+        new = [n for n in node_ids if n not in self.node_sites]
+        if new:
+            queries = [
+                Message(RecordDict({wire.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
+                for n in new
+            ]
+            for reply in grid.send_and_receive(queries, timeout=self.discovery_timeout):
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    log(WARNING, "node %d did not say which site it serves: %s", node, reply.error.reason)
+                    continue
+                try:
+                    site_id = str(reply.content[wire.SITE][wire.SITE_ID])
+                except (KeyError, TypeError):
+                    log(WARNING, "node %d answered the site query without a site id", node)
+                    continue
+                self.node_sites[node] = site_id
+            sites = sorted(self.node_sites.values())
+            dupes = sorted({s for s in sites if sites.count(s) > 1})
+            if dupes:
+                log(WARNING, "several nodes serve the same site id: %s", ", ".join(dupes))
+            log(INFO, "%d sites known (%d new)", len(self.node_sites), len(new))
+        live = set(node_ids)
+        return sorted((s, n) for n, s in self.node_sites.items() if n in live)
+
+    def train_config(self, server_round: int, site_id: str) -> ConfigRecord:
+        c = self.config
+        return ConfigRecord(
+            {
+                "round": server_round,
+                "inner_steps": c.algorithm.inner_steps,
+                "inner_lr": float(c.algorithm.inner_lr),
+                "ways": c.episodes.ways,
+                "shots": c.episodes.effective_train_shots,
+                "query_shots": c.episodes.query_shots,
+                "episodes": c.episodes.episodes_per_round,
+                "seed": derived_seed(c.federation.seed, server_round, STREAM_SITE, site_id),
+            }
+        )
+
+    def _messages(self, kind: str, server_round: int, arrays: ArrayRecord, chosen, make_config) -> list[Message]:
+        sent: dict[int, tuple[str, int]] = {}
+        messages = []
+        for site_id, node_id in chosen:
+            config = make_config(server_round, site_id)
+            sent[node_id] = (site_id, int(config["episodes"]))
+            messages.append(
+                Message(
+                    RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}),
+                    dst_node_id=node_id,
+                    message_type=kind,
+                    group_id=str(server_round),
+                )
+            )
+        self._sent[(server_round, kind)] = sent
+        self.record(server_round)["bytes_sent"] += wire.record_nbytes(arrays) * len(messages)
+        return messages
+
+    # ----------------------------------------------------------------- training
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        r = self.true_round(server_round)
+        sites = self.discover(grid)
+        chosen = sample_sites(sites, self.config, r, STREAM_TRAIN_SAMPLING)
+        rec = self.record(r)
+        rec["sites_sampled"] = len(chosen)
+        rec["sites_available"] = len(sites)
+        log(INFO, "round %d: sampled %d of %d sites", r, len(chosen), len(sites))
+        return self._messages(MessageType.TRAIN, r, arrays, chosen, self.train_config)
+
+    def _reject(self, rec: dict[str, Any], server_round: int, site_id: str, node: int, kind: str, reason: str) -> None:
+        rec["sites_invalid" if kind == "invalid" else "sites_failed"] += 1
+        rec["failures"].append({"site": site_id, "kind": kind, "reason": reason[:500]})
+        log(WARNING, "round %d: %s reply from site %s (node %d) dropped: %s", server_round, kind, site_id, node, reason)
+
+    def validate_train_reply(self, msg: Message, episodes_sent: int) -> tuple[tree.Tree, int, dict[str, float]] | str:
+        """``(phi, episodes, metrics)`` for a well-formed reply, else the reason it is not."""
+        content = msg.content
+        arrays = content.array_records
+        if set(arrays) != {wire.ARRAYS}:
+            return f"expected one ArrayRecord named '{wire.ARRAYS}', got {sorted(arrays)}"
+        record = arrays[wire.ARRAYS]
+        expected = self.state.params
+        missing = sorted(set(expected) - set(record))
+        extra = sorted(set(record) - set(expected))
+        if missing or extra:
+            return f"parameter names differ: missing {missing[:5]}, unexpected {extra[:5]}"
+        phi: tree.Tree = {}
+        for key, ref in expected.items():
+            arr = record[key]
+            want_shape, want_dtype = tuple(ref.shape), self._dtypes[key]
+            if tuple(arr.shape) != want_shape or arr.dtype != want_dtype:
+                return f"'{key}' is {arr.dtype}{list(arr.shape)}, expected {want_dtype}{list(want_shape)}"
+            try:
+                value = arr.numpy()
+            except Exception as err:  # noqa: BLE001 - any decoding failure drops the reply
+                return f"'{key}' cannot be decoded: {err}"
+            if tuple(value.shape) != want_shape or str(value.dtype) != want_dtype:
+                return f"'{key}' decodes to {value.dtype}{list(value.shape)}, expected {want_dtype}{list(want_shape)}"
+            t = torch.from_numpy(np.array(value, copy=True))
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"'{key}' has NaN or Inf values"
+            phi[key] = t
+        metrics_records = content.metric_records
+        if wire.METRICS not in metrics_records:
+            return f"no MetricRecord named '{wire.METRICS}'"
+        metrics = metrics_records[wire.METRICS]
+        n = metrics.get(wire.NUM_EXAMPLES)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= episodes_sent:
+            return f"'{wire.NUM_EXAMPLES}' must be an integer in [1, {episodes_sent}] (episodes sent), got {n!r}"
+        scalars = {
+            k: float(v) for k, v in metrics.items()
+            if k != wire.NUM_EXAMPLES and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
+        return phi, n, scalars
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        r = self.true_round(server_round)
+        rec = self.record(r)
+        sent = self._sent.get((r, MessageType.TRAIN), {})
+        updates: list[tuple[str, tree.Tree, int, dict[str, float]]] = []
+        answered: set[int] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            site_id, episodes = sent.get(node, (self.node_sites.get(node, f"node-{node}"), 0))
+            if msg.has_error():
+                self._reject(rec, r, site_id, node, "error", str(msg.error.reason))
+                answered.add(node)
+                continue
+            rec["bytes_received"] += sum(wire.record_nbytes(a) for a in msg.content.array_records.values())
+            if node not in sent or node in answered:
+                self._reject(rec, r, site_id, node, "invalid", "not sampled this round, or a second reply")
+                continue
+            answered.add(node)
+            checked = self.validate_train_reply(msg, episodes)
+            if isinstance(checked, str):
+                self._reject(rec, r, site_id, node, "invalid", checked)
+                continue
+            phi, n, metrics = checked
+            updates.append((site_id, phi, n, metrics))
+        rec["sites_replied"] = len(updates)
+        rec["sites_missing"] = len(set(sent) - answered)
+
+        updates.sort(key=lambda u: u[0])  # fixed summation order: bit-identical reruns
+        theta = self.state.params
+        deltas = [tree.sub(phi, theta) for _, phi, _, _ in updates]
+        weights = [float(n) for _, _, n, _ in updates]
+        delta = self.aggregator.aggregate(
+            deltas, weights, template=theta, server_round=r, num_sampled=rec["sites_sampled"],
+            expected_sampled=expected_count(self.config, rec.get("sites_available", 0)),
+        )
+        self.state.aggregator_state = self.aggregator.state_dict()
+        train_metrics = _weighted_metrics([(n, m) for _, _, n, m in updates])
+        train_metrics["episodes"] = float(sum(weights))
+        if delta is not None:
+            new_params, new_opt = server_opt.apply(
+                theta, delta, self.state.opt_state, config=self.config.server_opt,
+                round_index=r - 1, total_rounds=self.config.federation.rounds,
+            )
+            train_metrics["update_norm"] = float(tree.global_norm(tree.sub(new_params, theta)))
+            self.state.params, self.state.opt_state = new_params, new_opt
+        else:
+            log(WARNING, "round %d: no valid site update; the global model is unchanged", r)
+        rec["train"] = train_metrics
+        if delta is None:
+            return None, MetricRecord(train_metrics)
+        return wire.tree_to_record(self.state.params), MetricRecord(train_metrics)
+
+    # --------------------------------------------------------------- evaluation
+    def eval_due(self, server_round: int) -> bool:
+        return self.federated_eval and is_due(server_round, self.config.federation.eval_every, self.config.federation.rounds)
+
+    def eval_config(self, server_round: int, site_id: str) -> ConfigRecord:
+        c = self.config
+        per_site = max(1, math.ceil(c.federation.eval_episodes / max(1, self._eval_sites)))
+        return ConfigRecord(
+            {
+                "round": server_round,
+                "inner_steps": c.algorithm.eval_inner_steps,
+                "ways": c.episodes.ways,
+                "shots": c.episodes.shots,
+                "query_shots": c.episodes.query_shots,
+                "episodes": per_site,
+                "seed": derived_seed(c.federation.seed, server_round, STREAM_SITE + 10, site_id),
+            }
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        r = self.true_round(server_round)
+        if not self.eval_due(r):
+            return []
+        sites = self.discover(grid)
+        chosen = sample_sites(sites, self.config, r, STREAM_EVAL_SAMPLING)
+        self._eval_sites = len(chosen)
+        self.record(r)["eval_sites_sampled"] = len(chosen)
+        return self._messages(MessageType.EVALUATE, r, arrays, chosen, self.eval_config)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        r = self.true_round(server_round)
+        rec = self.record(r)
+        sent = self._sent.get((r, MessageType.EVALUATE), {})
+        results: list[tuple[int, dict[str, float]]] = []
+        failed = invalid = 0
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            site_id, episodes = sent.get(node, (self.node_sites.get(node, f"node-{node}"), 0))
+            if msg.has_error():
+                failed += 1
+                log(WARNING, "round %d: evaluation at site %s failed: %s", r, site_id, msg.error.reason)
+                continue
+            metrics = msg.content.metric_records.get(wire.METRICS)
+            n = metrics.get(wire.NUM_EXAMPLES) if metrics is not None else None
+            if node not in sent or not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= episodes:
+                invalid += 1
+                log(WARNING, "round %d: evaluation reply from site %s dropped (num-examples %r)", r, site_id, n)
+                continue
+            results.append((n, {
+                k: float(v) for k, v in metrics.items()
+                if k != wire.NUM_EXAMPLES and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            }))
+        if not results:
+            rec["federated_eval"] = {"sites_replied": 0, "sites_failed": failed, "sites_invalid": invalid}
+            return None
+        agg = _weighted_metrics(results)
+        agg["episodes"] = float(sum(n for n, _ in results))
+        rec["federated_eval"] = {**agg, "sites_replied": len(results), "sites_failed": failed, "sites_invalid": invalid}
+        return MetricRecord(agg)
+
+    _eval_sites: int = 1
+
+
+def _weighted_metrics(items: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Mean of each metric over the replies that report it, weighted by episodes."""
+    sums: dict[str, float] = {}
+    totals: dict[str, float] = {}
+    for n, metrics in items:
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + n * v
+            totals[k] = totals.get(k, 0.0) + n
+    return {k: sums[k] / totals[k] for k in sorted(sums)}

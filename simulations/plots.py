@@ -1,0 +1,71 @@
+"""PNG plots of a run: train loss and held-out accuracy against round (Agg backend)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The lines of a ``metrics.jsonl``."""
+    lines = []
+    for raw in Path(path).read_text().splitlines():
+        if raw.strip():
+            lines.append(json.loads(raw))
+    return lines
+
+
+def plot_run(history: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Write ``train_loss.png`` and ``meta_test_accuracy.png``; return their paths."""
+    out_dir = Path(out_dir)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("query_loss", "query loss (after adaptation)"), ("support_loss", "support loss")):
+        pts = [(line["round"], line["train"][key]) for line in history if key in line.get("train", {})]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("train loss (sampled sites)")
+    ax.set_title("Training")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    path = out_dir / "train_loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = [
+        (line["round"], line["meta_test"]["accuracy"], line["meta_test"].get("ci95") or 0.0)
+        for line in history if isinstance(line.get("meta_test", {}).get("accuracy"), (int, float))
+    ]
+    if pts:
+        rounds, acc, ci = zip(*pts)
+        ax.errorbar(rounds, acc, yerr=ci, marker="o", capsize=3, label="held-out sites (95% CI)")
+    fed = [
+        (line["round"], line["federated_eval"]["accuracy"])
+        for line in history if isinstance(line.get("federated_eval", {}).get("accuracy"), (int, float))
+    ]
+    if fed:
+        ax.plot(*zip(*fed), marker="s", label="federated evaluation")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Meta-test (adapt on support, score query)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    path = out_dir / "meta_test_accuracy.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+    return written

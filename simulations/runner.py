@@ -1,0 +1,144 @@
+"""Run a Flower simulation of a config in this process (Ray backend).
+
+``flwr.simulation.run_simulation`` passes an empty run config to the apps, so
+the resolved :class:`Config` is bound into them: the ServerApp runs in a thread
+of this process, and the ClientApp object (with the config in its closure) is
+shipped to the Ray workers. One worker per ``runtime.num_cpus`` cores, one
+supernode per train site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from client import sites
+from client.client_app import make_client_app
+from common.config import Config, ConfigError
+from server import checkpoint
+from server.server_app import make_server_app, make_run_dir
+
+
+class _DropDeprecationBanner(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in record.getMessage() and "deprecated feature" not in record.getMessage()
+
+
+def absolute_paths(config: Config) -> Config:
+    """Paths resolved against the current directory (workers may run elsewhere)."""
+    data = dataclasses.replace(config.data, root=str(Path(config.data.root).expanduser().resolve()))
+    return dataclasses.replace(config, data=data, output_dir=str(Path(config.output_dir).expanduser().resolve()))
+
+
+def prepare_data(config: Config) -> list[Path]:
+    """Write the procedural benchmark if asked; return the train site directories."""
+    if config.data.generate:
+        from common.data import ensure_benchmark
+
+        ensure_benchmark(config.data)
+    train = sites.train_site_dirs(config.data.root)
+    if not train:
+        raise ConfigError(
+            f"no site directories under {Path(config.data.root) / 'train'}: set data.root to a "
+            "folder with train/<site>/ directories, or data.generate=true to write the benchmark"
+        )
+    return train
+
+
+def backend_config(config: Config) -> dict[str, Any]:
+    rt = config.runtime
+    if rt.num_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"runtime.num_gpus={rt.num_gpus} but no CUDA device is visible: set runtime.num_gpus=0"
+            )
+    if rt.num_cpus <= 0:
+        raise ConfigError(f"runtime.num_cpus must be > 0; got {rt.num_cpus}")
+    return {
+        "client_resources": {"num_cpus": float(rt.num_cpus), "num_gpus": float(rt.num_gpus)},
+        "init_args": {"logging_level": "ERROR", "log_to_driver": True},
+    }
+
+
+def simulate(config: Config, *, resume_dir: str | Path | None = None, verbose: bool = False) -> int:
+    """Run the simulation in the foreground; 0 when the run completed."""
+    import ray
+    from flwr.simulation import run_simulation
+
+    config = absolute_paths(config)
+    if resume_dir is not None:
+        run_dir = Path(resume_dir).resolve()
+        checkpoint.load_latest(run_dir)  # a clear error now rather than inside the run
+    train = prepare_data(config)
+    backend = backend_config(config)
+    if resume_dir is None:
+        run_dir = make_run_dir(config)
+    print(f"run directory: {run_dir}", flush=True)
+    print(f"{len(train)} train sites, {config.federation.rounds} rounds", flush=True)
+
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addFilter(_DropDeprecationBanner())
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\..*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+    def progress(text: str) -> None:
+        print(text, flush=True)
+
+    server_app = make_server_app(
+        config, run_dir=run_dir, resume=resume_dir is not None, on_round=progress, expected_nodes=len(train)
+    )
+    client_app = make_client_app(config)
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=len(train),
+            backend_name="ray",
+            backend_config=backend,
+            verbose_logging=verbose,
+        )
+    except Exception as err:  # noqa: BLE001 - reported, and the exit code says so
+        cause = err.__cause__ or err
+        print(f"error: the run failed: {type(cause).__name__}: {cause}", file=sys.stderr, flush=True)
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        return 1
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        print(f"error: the run ended without writing {summary_path}", file=sys.stderr, flush=True)
+        return 1
+    summary = json.loads(summary_path.read_text())
+    final = summary.get("final_meta_test") or {}
+    if final.get("accuracy") is not None:
+        ci = final.get("ci95")
+        ci_text = f" ± {ci:.3f}" if isinstance(ci, (int, float)) else ""
+        print(f"held-out accuracy after round {final['round']}: {final['accuracy']:.3f}{ci_text} (95% CI)")
+    print(f"done in {summary['wall_time_s']:.1f}s: {run_dir}", flush=True)
+    return 0
+
+
+def make_data(config: Config, out: str | Path | None = None) -> list[Path]:
+    """Write the procedural benchmark's site directories; return the data root's children."""
+    from common.data import ensure_benchmark
+
+    if out is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=str(out)))
+    config = absolute_paths(config)
+    ensure_benchmark(config.data)
+    root = Path(config.data.root)
+    return [p for p in (root / "train", root / "test") if p.is_dir()]
+
