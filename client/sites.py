@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from client.wire import APP_KEYS
-from common.config import Config, from_run_config
+from common.config import Config, flatten, from_run_config
 
 DATA_PATH_KEY = "data-path"
 SITE_ID_KEY = "site-id"
@@ -88,15 +88,43 @@ def site_ref(config: Config, node_config: Mapping[str, Any]) -> SiteRef:
     )
 
 
+def _same_as_default(value: Any, default: Any) -> bool:
+    if isinstance(default, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return list(value) == default
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, (int, float)):
+        return float(value) == float(default)
+    return value == default
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> Config:
+    """Flower's run config -> Config.
+
+    Flower hands the app every key of ``[tool.flwr.app.config]`` (the schema's
+    defaults) with ``--run-config`` overrides applied, and cannot say which keys
+    were overridden. When ``config-file`` names a YAML file, the keys still at
+    their default value are therefore left to the file, and the others override it.
+    """
+    flat = {k: v for k, v in run_config.items() if k not in APP_KEYS}
+    if flat.get("config-file") or flat.get("config_file"):
+        defaults = flatten(Config())
+        flat = {
+            k: v for k, v in flat.items()
+            if k in ("config-file", "config_file")
+            or not _same_as_default(v, defaults.get(k.replace("-", "_"), object()))
+        }
+    return from_run_config(flat)
+
+
 def resolve_config(bound: Config | None, run_config: Mapping[str, Any]) -> Config:
     """The config bound into the app (simulate command) or parsed from Flower's run config."""
     if bound is not None:
         return bound
-    run_config = {k: v for k, v in run_config.items() if k not in APP_KEYS}
     key = tuple(sorted((str(k), repr(v)) for k, v in run_config.items()))
     with _lock:
         if key not in _configs:
-            _configs[key] = from_run_config(run_config)
+            _configs[key] = config_from_run_config(run_config)
         return _configs[key]
 
 

@@ -36,7 +36,7 @@ from client import sites as site_dirs
 from client import wire
 from common import tree
 from common.algorithms import server_opt
-from common.config import Config, ConfigError, from_run_config, save, to_dict
+from common.config import Config, ConfigError, save, to_dict
 from server import checkpoint
 from server.state import STREAM_META_TEST, ServerState, derived_seed
 from server.strategy import MetaStrategy, is_due
@@ -45,11 +45,6 @@ RESUME_KEY = wire.RESUME_KEY
 APP_KEYS = wire.APP_KEYS
 
 ProgressFn = Callable[[dict[str, Any], int], None]
-
-
-def experiment_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Flower's run config without the app-level keys."""
-    return {k: v for k, v in run_config.items() if k not in APP_KEYS}
 
 
 def make_run_dir(config: Config) -> Path:
@@ -329,7 +324,7 @@ def make_server_app(
         if cfg is None:
             run_config = dict(context.run_config)
             resume_dir = str(run_config.get(RESUME_KEY, "") or "")
-            cfg = from_run_config(experiment_run_config(run_config))
+            cfg = site_dirs.config_from_run_config(run_config)
             if resume_dir:
                 where, again = Path(resume_dir), True
         MetaRun(cfg, where, resume=again, on_round=on_round, expected_nodes=expected_nodes).execute(grid)
