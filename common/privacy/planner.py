@@ -18,6 +18,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from .accounting import (
     ACCOUNTANTS,
     Step,
@@ -114,14 +116,15 @@ def plan_sigma_for_steps(
 
         ((q, scale), count), = kinds.items()
         try:
-            sigma_eff = get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=q,
-                steps=count,
-                accountant=accountant,
-                epsilon_tolerance=epsilon_tolerance,
-            )
+            with np.errstate(divide="ignore"):  # PRV at q = 1 takes a harmless log(0)
+                sigma_eff = get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=q,
+                    steps=count,
+                    accountant=accountant,
+                    epsilon_tolerance=epsilon_tolerance,
+                )
         except ValueError as err:
             if "too low" in str(err):
                 raise _too_low(target_epsilon, delta, what) from None
