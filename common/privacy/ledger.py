@@ -210,9 +210,10 @@ class PrivacyLedger:
                 raise self._corrupt(f"entry {i} has bad steps ({err})") from None
         if _merged(logged) != _merged(accountant.history):
             raise self._corrupt("the history does not match the steps of its entries")
+        if accountant.history != self._accountant.history or not self._entries:
+            self._epsilon = accountant.epsilon(delta=self.delta)  # else: unchanged since last read
         self._accountant = accountant
         self._entries = [dict(e) for e in entries]
-        self._epsilon = accountant.epsilon(delta=self.delta)
 
     # ------------------------------------------------------------------ queries
     @property
