@@ -161,6 +161,11 @@ def private_gradient(
             f"{sorted(set(per_example) - set(standard_noise))}, unexpected "
             f"{sorted(set(standard_noise) - set(per_example))}"
         )
+    if not isinstance(expected_batch_size, torch.Tensor) and not expected_batch_size > 0:
+        raise ValueError(
+            f"expected_batch_size must be > 0 (the expected number of records, q * n); "
+            f"got {expected_batch_size}"
+        )
     norms = _per_example_norms(per_example)
     real = weights > 0
     factor = torch.where(real, _clip_factor(norms, clip_norm), torch.zeros_like(norms))
