@@ -142,6 +142,8 @@ def test_no_batchnorm_no_inplace(fusion):
     for module in model.modules():
         assert not isinstance(module, nn.modules.batchnorm._BatchNorm)
         assert not getattr(module, "inplace", False), module
+    # No buffers: a parameter dict is the model's whole state for functional_call.
+    assert list(model.buffers()) == []
 
 
 # ------------------------------------------------------------------ model
