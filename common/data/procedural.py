@@ -91,7 +91,7 @@ _MODALITY_CODE = {"image": 1, "audio": 2, "series": 3, "tokens": 4}
 _SPLIT_CODE = {"train": 0, "test": 1}
 
 # Per-site chance that a modality is degraded (very noisy) there.
-DEGRADE_RATE = 0.3
+DEGRADE_RATE = 0.4
 
 SETTINGS_FIELDS = (
     "num_train_sites",

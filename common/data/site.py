@@ -283,7 +283,9 @@ def _load_npy(path: Path) -> np.ndarray:
         arr = np.load(path, allow_pickle=False)
     except ValueError as e:
         msg = str(e)
-        if "pickle" in msg.lower() or "object arrays" in msg.lower():
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if "object arrays" in msg.lower() or ("pickle" in msg.lower() and head[:1] == b"\x80"):
             raise _err(
                 path,
                 "holds pickled Python objects (an object array or a pickle), which metafed never "
@@ -291,6 +293,8 @@ def _load_npy(path: Path) -> np.ndarray:
                 f"save a plain numeric array instead, e.g. np.save('{path.name}', "
                 "np.asarray(values, dtype=np.float32)) (int64 for labels and tokens, bool for masks)",
             ) from None
+        if head != b"\x93NUMPY":
+            msg = "it does not start with the .npy header"
         raise _err(path, f"is not a readable .npy array ({msg})", "write it with numpy.save") from None
     except (OSError, EOFError) as e:
         raise _err(path, f"is not a readable .npy array ({e})", "write it with numpy.save") from None
@@ -360,8 +364,12 @@ def _validate(
     lpath = files.get("labels") or where
     labels = np.asarray(labels)
     if labels.dtype.kind not in "iu":
-        raise _err(lpath, f"labels have dtype {labels.dtype}, expected int64", "save them as np.int64")
-    labels = _coerce_dtype(labels, "int64", lpath, "labels")
+        raise _err(
+            lpath,
+            f"the labels array has dtype {labels.dtype}, expected int64",
+            "save class indices with np.save(path, labels.astype(np.int64))",
+        )
+    labels = _coerce_dtype(labels, "int64", lpath, "the labels array")
     if labels.ndim != 1:
         raise _err(lpath, f"labels have shape {list(labels.shape)}, expected [n]", "save a 1-D array of class indices")
     n = labels.shape[0]

@@ -1,0 +1,211 @@
+"""The procedural benchmark: layout, determinism, missing data, reuse, and how hard it is.
+
+``pytest tests/data/test_procedural.py -s`` prints the 1-nearest-neighbour
+accuracy on raw inputs (5-way 1-shot, held-out sites) per modality and fused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from common.config import ConfigError, DataConfig
+from common.data import (
+    PROCEDURAL_SCHEMA,
+    SiteDataError,
+    ensure_benchmark,
+    generate_benchmark,
+    list_sites,
+    load_benchmark_schema,
+    load_site,
+    sample_episodes,
+    write_site,
+)
+
+
+def test_schema():
+    assert PROCEDURAL_SCHEMA["image"].kind == "image" and PROCEDURAL_SCHEMA["image"].shape == (1, 28, 28)
+    assert PROCEDURAL_SCHEMA["audio"].kind == "spectrogram" and PROCEDURAL_SCHEMA["audio"].shape == (1, 33, 32)
+    assert PROCEDURAL_SCHEMA["series"].kind == "series" and PROCEDURAL_SCHEMA["series"].shape == (3, 64)
+    assert PROCEDURAL_SCHEMA["tokens"].kind == "tokens" and PROCEDURAL_SCHEMA["tokens"].vocab_size > 1
+    assert DataConfig().num_classes >= 1000 and set(DataConfig().modalities) <= set(PROCEDURAL_SCHEMA)
+
+
+def test_layout_and_validation(small_benchmark, small_config):
+    paths = small_benchmark
+    assert len(paths.train_sites) == small_config.num_train_sites
+    assert len(paths.test_sites) == small_config.num_test_sites
+    assert [p.name for p in paths.train_sites] == [f"site-{i:04d}" for i in range(small_config.num_train_sites)]
+    assert paths.schema == {m: PROCEDURAL_SCHEMA[m] for m in small_config.modalities}
+    assert load_benchmark_schema(paths.root) == paths.schema
+    doc = yaml.safe_load((paths.root / "benchmark.yaml").read_text())
+    assert doc["settings"]["num_classes"] == small_config.num_classes
+    assert doc["settings"]["modalities"] == list(small_config.modalities)
+    for site_dir in paths.train_sites + paths.test_sites:
+        site = load_site(site_dir, schema=paths.schema, min_records_per_class=small_config.records_per_class)
+        assert site.num_records == small_config.classes_per_site * small_config.records_per_class
+        assert site.records_per_class().tolist() == [small_config.records_per_class] * small_config.classes_per_site
+        assert site.provenance["generator"] == "metafed.procedural"
+        for name, arr in site.arrays.items():
+            assert np.isfinite(arr).all()
+            assert arr.std() > 0
+
+
+def test_train_and_test_classes_are_disjoint(small_benchmark):
+    train = {c for p in small_benchmark.train_sites for c in load_site(p).class_names}
+    test = {c for p in small_benchmark.test_sites for c in load_site(p).class_names}
+    assert train and test and not train & test
+    ids = sorted(int(c.split("-")[1]) for c in train)
+    assert max(ids) < min(int(c.split("-")[1]) for c in test)
+
+
+def test_missing_modalities(small_benchmark, small_config):
+    """FedMultimodal-style: some sites lack modalities, some records too; never all of them."""
+    sites = [load_site(p) for p in small_benchmark.train_sites + small_benchmark.test_sites]
+    all_mods = set(small_config.modalities)
+    site_missing = sum(len(all_mods - set(s.arrays)) for s in sites)
+    record_missing = 0
+    for s in sites:
+        assert s.arrays  # never all modalities missing at a site
+        present = np.zeros(s.num_records, dtype=bool)
+        for m in s.arrays:
+            present |= s.masks[m]
+            record_missing += int((~s.masks[m]).sum())
+            assert not s.arrays[m][~s.masks[m]].any()
+        assert present.all()  # never all modalities missing in a record
+    assert site_missing > 0 and record_missing > 0
+
+
+def test_degraded_modalities_never_cover_a_whole_site(small_benchmark):
+    for p in small_benchmark.train_sites + small_benchmark.test_sites:
+        style = load_site(p).provenance["style"]
+        assert not all(v["degraded"] for v in style.values())
+
+
+def test_deterministic_from_seed(tmp_path, small_config):
+    cfg = dataclasses.replace(small_config, num_train_sites=2, num_test_sites=1, modalities=("image", "audio", "series", "tokens"))
+    a = generate_benchmark(tmp_path / "a", config=cfg)
+    b = generate_benchmark(tmp_path / "b", config=cfg)
+    c = generate_benchmark(tmp_path / "c", config=dataclasses.replace(cfg, seed=1))
+    for pa, pb, pc in zip(a.train_sites + a.test_sites, b.train_sites + b.test_sites, c.train_sites + c.test_sites):
+        sa, sb, sc = load_site(pa), load_site(pb), load_site(pc)
+        assert sa.class_names == sb.class_names
+        np.testing.assert_array_equal(sa.labels, sb.labels)
+        assert set(sa.arrays) == set(sb.arrays)
+        for m in sa.arrays:
+            np.testing.assert_array_equal(sa.arrays[m], sb.arrays[m])
+            np.testing.assert_array_equal(sa.masks[m], sb.masks[m])
+        common = set(sa.arrays) & set(sc.arrays)
+        assert any(not np.array_equal(sa.arrays[m], sc.arrays[m]) for m in common) or sa.class_names != sc.class_names
+    # A site does not depend on how many sites are generated.
+    d = generate_benchmark(tmp_path / "d", config=dataclasses.replace(cfg, num_train_sites=1))
+    np.testing.assert_array_equal(load_site(d.train_sites[0]).labels, load_site(a.train_sites[0]).labels)
+    tokens = load_site(a.train_sites[0]).arrays.get("tokens")
+    if tokens is not None:
+        assert tokens.dtype == np.int64 and tokens.min() >= 0 and tokens.max() < PROCEDURAL_SCHEMA["tokens"].vocab_size
+
+
+def test_reuse_and_refusal(tmp_path, small_config):
+    cfg = dataclasses.replace(small_config, num_train_sites=1, num_test_sites=1)
+    root = tmp_path / "bench"
+    first = generate_benchmark(root, config=cfg)
+    stamp = (root / "benchmark.yaml").stat().st_mtime_ns
+    start = time.perf_counter()
+    again = generate_benchmark(root, config=cfg)
+    assert time.perf_counter() - start < 0.5
+    assert again == first and (root / "benchmark.yaml").stat().st_mtime_ns == stamp
+    with pytest.raises(SiteDataError, match=r"generated with other settings \(seed: 0 there, 7 asked\).*never overwritten") as info:
+        generate_benchmark(root, config=dataclasses.replace(cfg, seed=7))
+    assert "Fix:" in str(info.value)
+    # A folder holding other files is never written into.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(SiteDataError, match="holds files but no benchmark.yaml"):
+        generate_benchmark(other, config=cfg)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench", "other"]  # no temporary folders left
+
+
+def test_ensure_benchmark(tmp_path, small_config, site_kwargs):
+    cfg = dataclasses.replace(small_config, root=str(tmp_path / "gen"), num_train_sites=1, num_test_sites=1)
+    with pytest.raises(SiteDataError, match="data.generate is false"):
+        ensure_benchmark(dataclasses.replace(cfg, generate=False))
+    paths = ensure_benchmark(cfg)
+    assert len(paths.train_sites) == 1 and ensure_benchmark(cfg) == paths
+    with pytest.raises(SiteDataError, match="other settings"):
+        ensure_benchmark(dataclasses.replace(cfg, records_per_class=4))
+    # Sites a user put there are used as they are, with the schema their manifests declare.
+    user = tmp_path / "user"
+    write_site(user / "train" / "hospital-a", **site_kwargs())
+    paths = ensure_benchmark(dataclasses.replace(cfg, root=str(user)))
+    assert paths.train_sites == (user / "train" / "hospital-a",) and paths.test_sites == ()
+    assert set(paths.schema) == {"image", "series", "tokens"}
+
+
+def test_config_errors(tmp_path, small_config):
+    with pytest.raises(ConfigError, match="exceeds the 12 test classes"):
+        generate_benchmark(tmp_path / "x", config=dataclasses.replace(small_config, classes_per_site=13))
+    with pytest.raises(ConfigError, match="pick one or more"):
+        generate_benchmark(tmp_path / "x", config=dataclasses.replace(small_config, modalities=("video",)))
+    assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- difficulty
+
+
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    x = x.flatten(2).double()
+    x = x - x.mean(-1, keepdim=True)
+    return x / (x.norm(dim=-1, keepdim=True) + 1e-8)
+
+
+def one_nn_accuracy(sites, schema, *, episodes_per_site=60, seed=0) -> dict[str, float]:
+    """1-NN on raw inputs, 5-way 1-shot, 5 queries per class, Euclidean on per-record standardized inputs.
+
+    Per modality: over queries that have the modality (a support record
+    lacking it is never the nearest). Fused: the mean over the modalities both
+    records have of the per-modality squared distances.
+    """
+    g = torch.Generator().manual_seed(seed)
+    hits = {m: 0 for m in schema} | {"fused": 0}
+    total = {m: 0 for m in schema} | {"fused": 0}
+    for site in sites:
+        ep = sample_episodes(site, schema=schema, ways=5, shots=1, query_shots=5, num_episodes=episodes_per_site, generator=g)
+        s, q = ep["support"], ep["query"]
+        d_sum = torch.zeros(q["labels"].shape + s["labels"].shape[1:], dtype=torch.float64)
+        n_sum = torch.zeros_like(d_sum)
+        for m, spec in schema.items():
+            if m not in site.arrays:
+                continue
+            xs, xq = s["inputs"][m], q["inputs"][m]
+            if spec.kind == "tokens":
+                xs = torch.nn.functional.one_hot(xs, spec.vocab_size)
+                xq = torch.nn.functional.one_hot(xq, spec.vocab_size)
+            d = torch.cdist(_standardize(xq), _standardize(xs)) ** 2  # [E, Q, S]
+            both = q["masks"][m][:, :, None] & s["masks"][m][:, None, :]
+            pred = d.masked_fill(~s["masks"][m][:, None, :], float("inf")).argmin(-1)
+            ok = (pred == q["labels"]) & q["masks"][m]
+            hits[m] += int(ok.sum())
+            total[m] += int(q["masks"][m].sum())
+            d_sum += d * both
+            n_sum += both
+        fused = (d_sum / n_sum.clamp(min=1)).masked_fill(n_sum == 0, float("inf"))
+        hits["fused"] += int((fused.argmin(-1) == q["labels"]).sum())
+        total["fused"] += q["labels"].numel()
+    return {m: hits[m] / total[m] for m in hits if total[m]}
+
+
+def test_one_nearest_neighbour_is_well_above_chance_but_far_from_solved(small_benchmark):
+    sites = [load_site(p, schema=small_benchmark.schema) for p in small_benchmark.test_sites]
+    acc = one_nn_accuracy(sites, small_benchmark.schema)
+    print("\n1-NN on raw inputs, 5-way 1-shot, held-out sites: " + ", ".join(f"{m} {a:.3f}" for m, a in acc.items()))
+    for m, a in acc.items():
+        assert 0.3 < a < 0.75, (m, a)  # learnable (chance is 0.2), not trivial
+    single = max(a for m, a in acc.items() if m != "fused")
+    assert acc["fused"] > single + 0.02  # site noise makes every single modality unreliable somewhere
