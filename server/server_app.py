@@ -230,6 +230,9 @@ class MetaRun:
 
         config = self.config
         fed = config.federation
+        # Threads for the meta-test: more than the cores left free by the
+        # sites' workers slows it down by an order of magnitude on a small machine.
+        torch.set_num_threads(max(1, int(config.runtime.torch_threads)))
         self._prepare_data()
         save(config, self.run_dir / "config.yaml")
         self.task = Task(config)

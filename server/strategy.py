@@ -111,7 +111,7 @@ class MetaStrategy(FedAvg):
         fed = config.federation
         super().__init__(
             fraction_train=fed.fraction if fed.fraction > 0 else 1.0,
-            fraction_evaluate=1.0 if federated_eval else 0.0,
+            fraction_evaluate=1.0,  # configure_evaluate below decides
             min_train_nodes=fed.min_sites,
             min_evaluate_nodes=fed.min_sites,
             min_available_nodes=max(fed.min_sites, expected_nodes),

@@ -3,18 +3,19 @@
     metafed simulate  [--config FILE] [--set section.key=value ...] [--resume RUN_DIR] [--verbose]
     metafed make-data [--config FILE] [--set section.key=value ...] [--out DIR]
 
-A bad config (unknown key, wrong type, missing file) prints the reason on
-stderr and exits with code 2; a run that fails exits with code 1.
+A bad config (unknown key, wrong type, missing file), bad data or a run
+directory without a checkpoint prints the reason on stderr and exits with code
+2; a run that fails exits with code 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from common.config import ConfigError, load
-from server.checkpoint import CheckpointError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -38,12 +39,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_input_error(err: ValueError) -> bool:
+    """A bad config, bad data or a run directory that cannot be resumed.
+
+    The data and checkpoint modules pull in torch; they are looked up only when
+    already imported (an error of theirs means they were), to keep the
+    command's start fast.
+    """
+    kinds: list[type] = [ConfigError]
+    for module, name in (("common.data.site", "SiteDataError"), ("server.checkpoint", "CheckpointError")):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return isinstance(err, tuple(kinds))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``metafed`` command (``argv=None``: the process's command line)."""
+    code = _main(argv)
+    if argv is None and code in (EXIT_OK, EXIT_FAILED):
+        # After a simulation, Ray's and gRPC's native threads make interpreter
+        # shutdown take seconds; everything is written and Ray is shut down.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    # Flower's usage telemetry would wait on a network this tool does not need;
+    # set FLWR_TELEMETRY_ENABLED=1 to send it anyway.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
         if args.command == "simulate":
-            from simulations.runner import simulate
-
             if args.resume:
                 if args.config:
                     raise ConfigError(
@@ -53,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
                 if not (run_dir / "config.yaml").is_file():
                     raise ConfigError(f"{run_dir} is not a run directory (no config.yaml in it)")
                 config = load(run_dir / "config.yaml", overrides=args.overrides)
+                from simulations.runner import simulate
+
                 return simulate(config, resume_dir=run_dir, verbose=args.verbose)
             config = load(args.config, overrides=args.overrides)
+            from simulations.runner import simulate
+
             return simulate(config, verbose=args.verbose)
         if args.command == "make-data":
             from simulations.runner import make_data
@@ -64,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                 count = sum(1 for p in path.iterdir() if p.is_dir())
                 print(f"{path}: {count} sites")
             return EXIT_OK
-    except (ConfigError, CheckpointError) as err:
+    except ValueError as err:
+        if not _is_input_error(err):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

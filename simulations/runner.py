@@ -63,7 +63,7 @@ def backend_config(config: Config) -> dict[str, Any]:
         raise ConfigError(f"runtime.num_cpus must be > 0; got {rt.num_cpus}")
     return {
         "client_resources": {"num_cpus": float(rt.num_cpus), "num_gpus": float(rt.num_gpus)},
-        "init_args": {"logging_level": "ERROR", "log_to_driver": True},
+        "init_args": {"logging_level": "ERROR", "log_to_driver": False},
     }
 
 
@@ -78,6 +78,8 @@ def simulate(config: Config, *, resume_dir: str | Path | None = None, verbose: b
         checkpoint.load_latest(run_dir)  # a clear error now rather than inside the run
     train = prepare_data(config)
     backend = backend_config(config)
+    if verbose:  # the workers' own output (a site's failure also comes back as an error reply)
+        backend["init_args"]["log_to_driver"] = True
     if resume_dir is None:
         run_dir = make_run_dir(config)
     print(f"run directory: {run_dir}", flush=True)

@@ -9,3 +9,43 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+import dataclasses  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from common.config import load  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "simulations" / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="session")
+def smoke_config():
+    return load(SMOKE)
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory, smoke_config) -> Path:
+    """The smoke benchmark (3 train sites, 2 held-out), generated once per test session."""
+    from common.data import ensure_benchmark
+
+    root = tmp_path_factory.mktemp("smoke") / "data"
+    ensure_benchmark(dataclasses.replace(smoke_config.data, root=str(root)))
+    return root
+
+
+@pytest.fixture
+def broken_data(smoke_data, tmp_path) -> Path:
+    """A copy of the smoke sites (no benchmark file) plus a fourth train site whose labels are cut short."""
+    root = tmp_path / "data"
+    shutil.copytree(smoke_data / "train", root / "train")
+    shutil.copytree(smoke_data / "test", root / "test")
+    bad = root / "train" / "site-0003"
+    shutil.copytree(root / "train" / "site-0000", bad)
+    import numpy as np
+
+    labels = np.load(bad / "labels.npy")
+    np.save(bad / "labels.npy", labels[:-3])
+    return root

@@ -1,0 +1,129 @@
+"""The ClientApp's handlers, called directly with real Flower messages and the real engine."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client import wire
+from client.client_app import make_client_app
+from common.task import Task
+from server.state import STREAM_SITE, derived_seed
+
+SMOKE = Path(__file__).resolve().parents[2] / "simulations" / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def setup(smoke_data, smoke_config):
+    config = dataclasses.replace(smoke_config, data=dataclasses.replace(smoke_config.data, root=str(smoke_data)))
+    task = Task(config)
+    theta = task.initial_parameters(seed=0)
+    return config, theta
+
+
+def context(node_config, run_config=None):
+    return Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config or {})
+
+
+def instruction(kind, theta, **config):
+    return Message(
+        RecordDict({wire.ARRAYS: wire.tree_to_record(theta), wire.CONFIG: ConfigRecord(config)}),
+        dst_node_id=1, message_type=kind,
+    )
+
+
+def train_message(config, theta, seed=11):
+    c = config
+    return instruction(
+        MessageType.TRAIN, theta, round=1, inner_steps=c.algorithm.inner_steps, inner_lr=c.algorithm.inner_lr,
+        ways=c.episodes.ways, shots=c.episodes.effective_train_shots, query_shots=c.episodes.query_shots,
+        episodes=c.episodes.episodes_per_round, seed=seed,
+    )
+
+
+def test_train_replies_with_adapted_weights_and_episode_count(setup):
+    config, theta = setup
+    app = make_client_app(config)
+    out = app(train_message(config, theta), context({"partition-id": 1, "num-partitions": 3}))
+    assert not out.has_error(), out.error.reason if out.has_error() else ""
+    phi = wire.record_to_tree(out.content[wire.ARRAYS])
+    assert list(phi) == list(theta)  # names kept, same order
+    assert all(phi[k].shape == theta[k].shape and phi[k].dtype == theta[k].dtype for k in theta)
+    assert any(not torch.equal(phi[k], theta[k]) for k in theta)  # it adapted
+    metrics = out.content[wire.METRICS]
+    assert metrics[wire.NUM_EXAMPLES] == config.episodes.episodes_per_round
+    assert isinstance(metrics[wire.NUM_EXAMPLES], int)
+    assert set(out.content.array_records) == {wire.ARRAYS}  # arrays never in metrics
+    assert all(isinstance(v, float) for k, v in metrics.items() if k != wire.NUM_EXAMPLES)
+
+
+def test_train_is_a_function_of_the_seed(setup):
+    config, theta = setup
+    app = make_client_app(config)
+    ctx = context({"partition-id": 0, "num-partitions": 3})
+    a = wire.record_to_tree(app(train_message(config, theta, seed=5), ctx).content[wire.ARRAYS])
+    b = wire.record_to_tree(app(train_message(config, theta, seed=5), ctx).content[wire.ARRAYS])
+    c = wire.record_to_tree(app(train_message(config, theta, seed=6), ctx).content[wire.ARRAYS])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_evaluate_adapts_and_scores_at_the_site(setup):
+    config, theta = setup
+    app = make_client_app(config)
+    msg = instruction(MessageType.EVALUATE, theta, round=1, episodes=3, seed=derived_seed(0, 1, STREAM_SITE, "x"))
+    out = app(msg, context({"partition-id": 2, "num-partitions": 3}))
+    assert not out.has_error(), out.error.reason if out.has_error() else ""
+    metrics = out.content[wire.METRICS]
+    assert metrics[wire.NUM_EXAMPLES] == 3
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0
+    assert not out.content.array_records
+
+
+def test_query_names_the_site(setup):
+    config, theta = setup
+    app = make_client_app(config)
+    q = Message(RecordDict({wire.CONFIG: ConfigRecord({})}), dst_node_id=1, message_type=MessageType.QUERY)
+    out = app(q, context({"partition-id": 2, "num-partitions": 3}))
+    assert out.content[wire.SITE][wire.SITE_ID] == "site-0002"
+
+
+def test_deployment_site_from_data_path(setup, smoke_data):
+    config, theta = setup
+    app = make_client_app(config)
+    out = app(train_message(config, theta), context({"data-path": str(smoke_data / "test" / "site-0001")}))
+    assert not out.has_error()
+    assert out.content[wire.METRICS][wire.NUM_EXAMPLES] == config.episodes.episodes_per_round
+
+
+def test_invalid_site_answers_with_an_error_reply(setup, broken_data):
+    config, theta = setup
+    app = make_client_app(config)
+    out = app(train_message(config, theta), context({"data-path": str(broken_data / "train" / "site-0003")}))
+    assert out.has_error()
+    assert "site-0003" in out.error.reason and "labels" in out.error.reason
+    ev = app(instruction(MessageType.EVALUATE, theta, round=1, episodes=2, seed=1),
+             context({"data-path": str(broken_data / "train" / "site-0003")}))
+    assert ev.has_error()
+
+
+def test_a_node_without_a_site_answers_with_an_error_reply(setup):
+    config, theta = setup
+    app = make_client_app(config)
+    out = app(train_message(config, theta), context({"partition-id": 9, "num-partitions": 10}))
+    assert out.has_error() and "partition-id 9 has no site" in out.error.reason
+    out = app(train_message(config, theta), context({}))
+    assert out.has_error() and "data-path" in out.error.reason
+
+
+def test_config_from_flower_run_config(setup, smoke_data):
+    """With no bound config (flwr run), the handler reads Flower's run config."""
+    config, theta = setup
+    app = make_client_app(None)
+    run_config = {"config-file": str(SMOKE), "data.root": str(smoke_data), "resume": ""}
+    out = app(train_message(config, theta), context({"partition-id": 0, "num-partitions": 3}, run_config))
+    assert not out.has_error(), out.error.reason if out.has_error() else ""
