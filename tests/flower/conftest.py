@@ -36,10 +36,10 @@ def smoke_data(tmp_path_factory, smoke_config) -> Path:
     return root
 
 
-@pytest.fixture
-def broken_data(smoke_data, tmp_path) -> Path:
+@pytest.fixture(scope="session")
+def broken_data(smoke_data, tmp_path_factory) -> Path:
     """A copy of the smoke sites (no benchmark file) plus a fourth train site whose labels are cut short."""
-    root = tmp_path / "data"
+    root = tmp_path_factory.mktemp("broken") / "data"
     shutil.copytree(smoke_data / "train", root / "train")
     shutil.copytree(smoke_data / "test", root / "test")
     bad = root / "train" / "site-0003"

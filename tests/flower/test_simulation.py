@@ -1,7 +1,10 @@
-"""End to end through the command line: a real Flower simulation on the Ray backend.
+"""End to end through the command line: real Flower simulations on the Ray backend.
 
-Smoke scale (3 sites, a tiny model); each run costs ~15-25 s, most of it
-starting Ray and importing torch in the workers.
+Smoke scale (3-4 sites, a tiny model). A run costs ~30-50 s on 2 cores, most of
+it starting Ray and importing torch in the workers, so the runs are shared:
+run S (3 sites, 2 rounds) for the happy path and the ``flwr run`` comparison;
+run A (4 sites, one of them invalid, 4 rounds, Adam) for the invalid site and as
+the uninterrupted reference of the resume test.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,42 +24,48 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "simulations" / "configs" / "smoke.yaml"
-METAFED = shutil.which("metafed") or ""
+BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
+def processes() -> list[tuple[int, str]]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    rows = []
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if pid.isdigit():
+            rows.append((int(pid), args))
+    return rows
+
+
 def ray_daemons() -> set[int]:
     """Pids of Ray's daemons (raylet, gcs_server) on this machine."""
-    out = subprocess.run(["ps", "-eo", "pid=,comm=,args="], capture_output=True, text=True).stdout
-    pids = set()
-    for line in out.splitlines():
-        parts = line.split(None, 2)
-        if len(parts) >= 2 and any(name in line for name in ("raylet", "gcs_server")):
-            pids.add(int(parts[0]))
-    return pids
+    return {pid for pid, args in processes() if "/raylet/raylet" in args or "/gcs/gcs_server" in args}
 
 
-def simulate(tmp_path: Path, data: Path, *args: str, resume: Path | None = None) -> subprocess.CompletedProcess:
-    cmd = [METAFED] if METAFED else [sys.executable, "-m", "simulations.cli"]
-    cmd += ["simulate"]
-    if resume is None:
-        cmd += ["--config", str(SMOKE), "--set", f"data.root={data}", "--set", f"output_dir={tmp_path / 'runs'}"]
-    else:
-        cmd += ["--resume", str(resume)]
-    cmd += list(args)
-    before = ray_daemons()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=400)
-    # No Ray daemon started by this run may outlive it.
-    deadline = time.time() + 15
+def assert_no_new_ray(before: set[int]) -> None:
+    deadline = time.time() + 20
     while (left := ray_daemons() - before) and time.time() < deadline:
         time.sleep(0.5)
     assert not left, f"Ray processes left running: {left}"
+
+
+def metafed(*args: str) -> subprocess.CompletedProcess:
+    exe = BIN / "metafed"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "simulations.cli"]
+    before = ray_daemons()
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=ROOT, timeout=400)
+    assert_no_new_ray(before)  # no Ray daemon started by this run outlives it
     return proc
 
 
-def run_dirs(tmp_path: Path) -> list[Path]:
-    return sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+def simulate(out: Path, data: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    proc = metafed("simulate", "--config", str(SMOKE), "--set", f"data.root={data}",
+                   "--set", f"output_dir={out}", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    return proc, run_dir
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -65,10 +76,23 @@ def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "final_params.pt", weights_only=True)
 
 
-def test_simulate_smoke_end_to_end(tmp_path, smoke_data):
-    proc = simulate(tmp_path, smoke_data)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    (run_dir,) = run_dirs(tmp_path)
+@pytest.fixture(scope="module")
+def run_s(tmp_path_factory, smoke_data):
+    return simulate(tmp_path_factory.mktemp("run_s"), smoke_data)
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, broken_data):
+    return simulate(
+        tmp_path_factory.mktemp("run_a"), broken_data,
+        "--set", "data.generate=false", "--set", "federation.rounds=4", "--set", "federation.sites_per_round=3",
+        "--set", "federation.checkpoint_every=2", "--set", "federation.eval_every=2",
+        "--set", "server_opt.name=adam", "--set", "server_opt.lr=0.01",
+    )
+
+
+def test_simulate_smoke_end_to_end(run_s):
+    proc, run_dir = run_s
     assert run_dir.name.startswith("smoke-")
     # Progress lines from the server app, one per round.
     assert "round 1/2 | sites 3/3" in proc.stdout and "round 2/2 | sites 3/3" in proc.stdout
@@ -91,7 +115,6 @@ def test_simulate_smoke_end_to_end(tmp_path, smoke_data):
     for png in ("train_loss.png", "meta_test_accuracy.png"):
         assert (run_dir / png).stat().st_size > 1000
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-000001", "round-000002"]
-    # The final model is the last checkpoint's.
     from server import checkpoint
 
     state, _ = checkpoint.load_latest(run_dir)
@@ -99,50 +122,132 @@ def test_simulate_smoke_end_to_end(tmp_path, smoke_data):
     assert all(torch.equal(params[k], state.params[k]) for k in params)
 
 
-def test_invalid_site_gets_an_error_reply_and_the_run_goes_on(tmp_path, broken_data):
-    proc = simulate(tmp_path, broken_data, "--set", "data.generate=false", "--set", "federation.rounds=1",
-                    "--set", "federation.sites_per_round=4")
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    (run_dir,) = run_dirs(tmp_path)
-    (line,) = metrics(run_dir)
-    assert (line["sites_sampled"], line["sites_replied"], line["sites_failed"]) == (4, 3, 1)
-    failure = line["failures"][0]
-    assert failure["site"] == "site-0003" and failure["kind"] == "error"
-    assert "labels" in failure["reason"]
+def test_invalid_site_gets_an_error_reply_and_the_run_goes_on(run_a):
+    proc, run_dir = run_a
+    lines = metrics(run_dir)
+    assert len(lines) == 4
+    hit = [line for line in lines if line["sites_failed"]]
+    assert hit, "the invalid site was never sampled"
+    for line in lines:
+        assert line["sites_sampled"] == 3
+        assert line["sites_replied"] + line["sites_failed"] == 3 and line["sites_invalid"] == 0
+    for line in hit:
+        (failure,) = line["failures"]
+        assert failure["site"] == "site-0003" and failure["kind"] == "error"
+        assert "labels" in failure["reason"]
     assert "site-0003" in proc.stdout + proc.stderr  # logged
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
-def test_resume_reaches_the_same_model(tmp_path, smoke_data):
-    """A run that dies after its round-2 checkpoint, resumed, ends where an uninterrupted run ends.
+def test_resume_reaches_the_same_model(run_a, tmp_path):
+    """A run that dies after its round-2 checkpoint, resumed, ends where the uninterrupted run ends.
 
     The interrupted run is the uninterrupted run's directory with everything
     after the round-2 checkpoint taken away (the round-4 checkpoint, the final
     model and the summary), as a crash between the two checkpoints leaves it;
-    metrics.jsonl still has lines for rounds 3 and 4, which resuming must drop.
-    Adam as the outer optimizer, so its moments must come back too.
+    its metrics.jsonl still has lines for rounds 3 and 4, which resuming drops.
+    The outer optimizer is Adam, so its moments must come back too.
     """
-    args = ["--set", "federation.rounds=4", "--set", "federation.checkpoint_every=2",
-            "--set", "federation.eval_every=4", "--set", "server_opt.name=adam", "--set", "server_opt.lr=0.01",
-            "--set", "federation.sites_per_round=2"]
-    full = simulate(tmp_path, smoke_data, *args)
-    assert full.returncode == 0, full.stderr[-5000:]
-    (run_a,) = run_dirs(tmp_path)
-    run_b = tmp_path / "interrupted"
-    shutil.copytree(run_a, run_b)
-    shutil.rmtree(run_b / "checkpoints" / "round-000004")
-    (run_b / "final_params.pt").unlink()
-    (run_b / "summary.json").unlink()
+    _, run_dir = run_a
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(run_dir, interrupted)
+    shutil.rmtree(interrupted / "checkpoints" / "round-000004")
+    (interrupted / "final_params.pt").unlink()
+    (interrupted / "summary.json").unlink()
 
-    resumed = simulate(tmp_path, smoke_data, resume=run_b)
+    resumed = metafed("simulate", "--resume", str(interrupted))
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert "round 3/4" in resumed.stdout and "round 1/4" not in resumed.stdout
-    a, b = final_params(run_a), final_params(run_b)
+    a, b = final_params(run_dir), final_params(interrupted)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    la, lb = metrics(run_a), metrics(run_b)
+    la, lb = metrics(run_dir), metrics(interrupted)
     assert [line["round"] for line in lb] == [1, 2, 3, 4]
     for x, y in zip(la, lb):
-        assert x["train"] == y["train"]
+        assert x["train"] == y["train"] and x.get("failures") == y.get("failures")
     assert la[-1]["meta_test"]["accuracy"] == lb[-1]["meta_test"]["accuracy"]
+
+
+# --------------------------------------------------------------------- flwr run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_json(text: str) -> dict:
+    return json.loads(text[text.index("{"):])
+
+
+def stop_processes_with(markers: list[str]) -> None:
+    """SIGTERM (then SIGKILL) the processes whose command line holds one of ``markers``."""
+    mine = [pid for pid, args in processes() if any(m in args for m in markers) and pid != os.getpid()]
+    for pid in mine:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 10
+    while time.time() < deadline and any(pid in dict(processes()) for pid in mine):
+        time.sleep(0.2)
+    for pid in mine:
+        if pid in dict(processes()):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_flwr_run_reaches_the_same_model(run_s, smoke_data, tmp_path):
+    """``flwr run . local`` on the same apps: the run completes and ends at run S's model.
+
+    ``flwr run`` starts a detached SuperLink that outlives it and exits 0 even
+    when the run fails, so the test reads the run's status with ``flwr list``
+    and stops the SuperLink it started (found by its own ports).
+    """
+    http_port, control_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # nothing to install, no registry
+        "FLWR_TELEMETRY_ENABLED": "0",
+    }
+    flwr = str(BIN / "flwr")
+    out = tmp_path / "runs"
+    run_config = f'config-file="{SMOKE}" data.root="{smoke_data}" output_dir="{out}"'
+    markers = [f"127.0.0.1:{control_port}", f"127.0.0.1:{http_port}"]
+    before = ray_daemons()
+    try:
+        started = subprocess.run(
+            [flwr, "run", ".", "local", "--run-config", run_config,
+             "--federation-config", "num-supernodes=3 client-resources-num-cpus=1", "--format", "json"],
+            capture_output=True, text=True, cwd=ROOT, env=env, timeout=90,
+        )
+        assert started.returncode == 0, started.stdout + started.stderr
+        run_id = parse_json(started.stdout)["run-id"]
+        status, deadline = "", time.time() + 150
+        while time.time() < deadline:
+            listed = subprocess.run([flwr, "list", "local", "--format", "json"], capture_output=True, text=True,
+                                    cwd=ROOT, env=env, timeout=60)
+            runs = {r["run-id"]: r for r in parse_json(listed.stdout).get("runs", [])}
+            status = runs.get(run_id, {}).get("status", "")
+            if status.startswith("finished"):
+                break
+            time.sleep(2)
+        if status != "finished:completed":
+            log = subprocess.run([flwr, "log", run_id, "local", "--show"], capture_output=True, text=True,
+                                 cwd=ROOT, env=env, timeout=60)
+            pytest.fail(f"run status {status!r}\n{log.stdout[-5000:]}{log.stderr[-2000:]}")
+    finally:
+        stop_processes_with(markers)
+    assert not [pid for pid, args in processes() if any(m in args for m in markers)]
+    assert_no_new_ray(before)
+
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    assert [line["round"] for line in metrics(run_dir)] == [1, 2]
+    a, b = final_params(run_s[1]), final_params(run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
