@@ -121,6 +121,9 @@ class RecordDPConfig:
     max_epsilon: float = math.inf  # a site refuses to train past this
     delta: float = 1e-5
     accountant: str = "rdp"  # rdp | prv
+    # Where sites keep their privacy ledgers: "" = next to each site's data
+    # (privacy_ledger.json), so the budget covers every run on those records.
+    ledger_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -365,6 +368,12 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"privacy.{level}.noise_multiplier must be >= 0")
         if not 0.0 < dp.delta < 1.0:
             raise ConfigError(f"privacy.{level}.delta must be in (0, 1); got {dp.delta}")
+    if rec.enabled and config.algorithm.name not in ("fedavg", "reptile"):
+        raise ConfigError(
+            f"privacy.record is implemented for fedavg and reptile, whose site update uses only "
+            f"support-set gradients; {config.algorithm.name} also releases a query-set gradient, "
+            "which this version does not privatize. Use algorithm.name=reptile (or fedavg)"
+        )
     if config.privacy.client.enabled and config.federation.fraction <= 0.0:
         raise ConfigError(
             "client-level DP needs Poisson sampling of sites: set federation.fraction "

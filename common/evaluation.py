@@ -77,6 +77,14 @@ def without_modality(episodes: dict, modality: str) -> dict:
     return {"support": strip(episodes["support"]), "query": strip(episodes["query"])}
 
 
+def only_modality(episodes: dict, modality: str, modalities) -> dict:
+    """The same episodes with every modality but one removed."""
+    for other in modalities:
+        if other != modality:
+            episodes = without_modality(episodes, other)
+    return episodes
+
+
 def mean_ci95(values: Sequence[float] | torch.Tensor) -> tuple[float, float]:
     """Mean and the half-width of a normal-approximation 95% interval."""
     x = torch.as_tensor(values, dtype=torch.float64).flatten()
@@ -102,6 +110,7 @@ def summarize(
     per_site_scores: dict[str, torch.Tensor],
     per_site_ablations: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict:
+    """``per_site_ablations`` maps a name (``without_audio``, ``only_image``) to per-site scores."""
     """Turn per-site episode accuracies into the report the runs write."""
     all_scores = torch.cat(list(per_site_scores.values())) if per_site_scores else torch.zeros(0)
     mean, ci = mean_ci95(all_scores)
@@ -114,7 +123,6 @@ def summarize(
         "worst_decile": worst_decile(per_site),
         "per_site": per_site,
     }
-    for modality, scores in (per_site_ablations or {}).items():
-        values = torch.cat(list(scores.values()))
-        report[f"without_{modality}"] = mean_ci95(values)[0]
+    for name, scores in (per_site_ablations or {}).items():
+        report[name] = mean_ci95(torch.cat(list(scores.values())))[0]
     return report

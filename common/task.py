@@ -19,11 +19,12 @@ import torch
 import yaml
 
 from common import tree
+from common.algorithms import inner
 from common.algorithms import get_algorithm
 from common.algorithms.base import ClientHParams
 from common.config import Config, ConfigError
 from common.data.schema import ModalitySpec, Schema
-from common.evaluation import score_episodes, summarize, without_modality
+from common.evaluation import only_modality, score_episodes, summarize, without_modality
 from common.tree import Tree
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -65,6 +66,10 @@ def resolve_schema(config: Config) -> Schema:
             f"data.modalities names {unknown}, which the schema does not define; known: {sorted(known)}"
         )
     return {m: known[m] for m in config.data.modalities}
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """A site refuses a round that would take it past its maximum epsilon."""
 
 
 @dataclass
@@ -198,7 +203,7 @@ class Task:
             )
         return settings
 
-    def hparams(self, settings: Mapping[str, Any]) -> ClientHParams:
+    def hparams(self, settings: Mapping[str, Any], *, train_on_query: bool = True) -> ClientHParams:
         cfg = self.config.algorithm
         return self.algorithm.hparams(
             inner_steps=settings["inner_steps"],
@@ -206,6 +211,7 @@ class Task:
             first_order=cfg.first_order,
             client_meta_lr=cfg.client_meta_lr,
             local_meta_steps=cfg.local_meta_steps,
+            train_on_query=train_on_query,
         )
 
     def train_on_site(
@@ -216,8 +222,16 @@ class Task:
         round_config: Mapping[str, Any] | None = None,
         generator: torch.Generator,
     ) -> TrainResult:
-        """One round at one site: draw a meta-batch of episodes, run the algorithm."""
+        """One round at one site: draw a meta-batch of episodes, run the algorithm.
+
+        Under record-level DP the site first checks its privacy ledger and
+        raises :class:`PrivacyBudgetExceeded` rather than train past its
+        ``max_epsilon``; after training it records the round's releases.
+        """
         settings = self.round_settings(round_config)
+        if self.config.privacy.record.enabled:
+            return self._train_private(params, site, settings=settings, round_config=round_config or {},
+                                       generator=generator)
         episodes = self.sample_episodes(
             site, num_episodes=settings["episodes"], shots=settings["shots"],
             query_shots=settings["query_shots"], generator=generator,
@@ -231,6 +245,82 @@ class Task:
             params={k: v.detach().cpu() for k, v in result.params.items()},
             num_episodes=settings["episodes"],
             metrics=metrics,
+        )
+
+    # ------------------------------------------------------ record-level DP
+    def record_dp_steps(self, settings: Mapping[str, Any]) -> list:
+        """The (sigma, q, count) releases one round at one site costs.
+
+        Each episode's support is a Poisson sample at rate q and is used for
+        ``inner_steps`` noisy gradients: one Gaussian release of
+        sigma/sqrt(inner_steps) per episode (see
+        :func:`common.privacy.accounting.record_level_round_steps`).
+        """
+        from common.privacy.accounting import record_level_round_steps
+
+        rec = self.config.privacy.record
+        return record_level_round_steps(
+            episodes=settings["episodes"], inner_steps=max(1, settings["inner_steps"]),
+            noise_multiplier=rec.noise_multiplier, sample_rate=rec.sample_rate,
+        )
+
+    def ledger(self, site):
+        from common.privacy.ledger import DEFAULT_FILENAME, PrivacyLedger
+
+        rec = self.config.privacy.record
+        if rec.ledger_dir:
+            path = Path(rec.ledger_dir) / f"{site.site_id}.json"
+        else:
+            path = Path(site.site_dir) / DEFAULT_FILENAME
+        return PrivacyLedger.open(path, accountant=rec.accountant, delta=rec.delta)
+
+    def _train_private(self, params, site, *, settings, round_config, generator) -> TrainResult:
+        from common.algorithms.private import dp_gradient
+        from common.data import sample_poisson_episodes
+        from common.privacy.clipping import draw_standard_noise
+
+        rec = self.config.privacy.record
+        steps = self.record_dp_steps(settings)
+        ledger = self.ledger(site)
+        exceeds, eps_after = ledger.would_exceed(max_epsilon=rec.max_epsilon, steps=steps)
+        if exceeds:
+            raise PrivacyBudgetExceeded(
+                f"site {site.site_id}: this round would raise its epsilon from {ledger.epsilon:.4g} to "
+                f"{eps_after:.4g} at delta={rec.delta:g}, past its privacy.record.max_epsilon="
+                f"{rec.max_epsilon:g}; it refuses to train (ledger: {ledger.path})"
+            )
+        episodes, info = sample_poisson_episodes(
+            site, schema=self.schema, ways=settings["ways"], sample_rate=rec.sample_rate,
+            query_shots=settings["query_shots"], num_episodes=settings["episodes"],
+            generator=generator, device=self.device, dtype=self.dtype,
+        )
+        theta = tree.to(dict(params), device=self.device, dtype=self.dtype)
+        inner_steps = settings["inner_steps"]
+        noise = draw_standard_noise(
+            inner.model_part(theta), generator=generator, leading_shape=(settings["episodes"], max(1, inner_steps))
+        )
+        episodes["support"]["dp_noise"] = tree.to(noise, device=self.device, dtype=self.dtype)
+        episodes["support"]["dp_expected"] = info["expected_support_size"].to(device=self.device, dtype=self.dtype)
+        hparams = self.hparams(settings, train_on_query=False)
+        gradient = dp_gradient(self.model, clip_norm=rec.clip_norm, noise_multiplier=rec.noise_multiplier)
+        result = self.algorithm.client_update(
+            model=self.model, params=theta, episodes=episodes, hparams=hparams, gradient=gradient
+        )
+        epsilon = ledger.record(run_id=str(round_config.get("run_id", "")), round=int(round_config.get("round", 0)),
+                                steps=steps, max_epsilon=rec.max_epsilon)
+        # Only the noised weights and the accounting leave the site: its
+        # losses and accuracies are statistics of the records, not privatized.
+        return TrainResult(
+            params={k: v.detach().cpu() for k, v in result.params.items()},
+            num_episodes=settings["episodes"],
+            metrics={
+                "epsilon": float(epsilon),
+                "delta": rec.delta,
+                "noise_multiplier": rec.noise_multiplier,
+                "clip_norm": rec.clip_norm,
+                "sample_rate": rec.sample_rate,
+                "dp_steps": float(sum(count for _, _, count in steps)),
+            },
         )
 
     # ------------------------------------------------------------ evaluation
@@ -260,21 +350,30 @@ class Task:
         *,
         num_episodes: int,
         generator: torch.Generator,
-        ablate_modalities: bool = True,
+        ablate_modalities: bool = False,
     ) -> dict:
-        """The FedMeta protocol over held-out sites (see :mod:`common.evaluation`)."""
+        """The FedMeta protocol over held-out sites (see :mod:`common.evaluation`).
+
+        With ``ablate_modalities`` the same episodes are also scored with each
+        modality removed (``without_<m>``) and with one modality alone
+        (``only_<m>``): what each modality carries, and whether fusing beats the
+        best single one. That costs ``2M + 1`` evaluations, so runs do it at the end.
+        """
         if not sites:
             raise ValueError("meta-test needs at least one held-out site")
         theta = tree.to(dict(params), device=self.device, dtype=self.dtype)
         per_site_episodes = max(1, math.ceil(num_episodes / len(sites)))
         per_site: dict[str, torch.Tensor] = {}
-        ablations: dict[str, dict[str, torch.Tensor]] = {m: {} for m in self.schema} if ablate_modalities and len(self.schema) > 1 else {}
+        variants: dict[str, Any] = {}
+        if ablate_modalities and len(self.schema) > 1:
+            for m in self.schema:
+                variants[f"without_{m}"] = functools.partial(without_modality, modality=m)
+                variants[f"only_{m}"] = functools.partial(only_modality, modality=m, modalities=tuple(self.schema))
+        ablations: dict[str, dict[str, torch.Tensor]] = {name: {} for name in variants}
         for site in sites:
             episodes = self.sample_episodes(site, num_episodes=per_site_episodes, shots=self.config.episodes.shots,
                                             generator=generator)
             per_site[str(site.site_id)] = self._scores(theta, episodes).accuracy.cpu()
-            for modality in ablations:
-                ablations[modality][str(site.site_id)] = self._scores(
-                    theta, without_modality(episodes, modality)
-                ).accuracy.cpu()
+            for name, transform in variants.items():
+                ablations[name][str(site.site_id)] = self._scores(theta, transform(episodes)).accuracy.cpu()
         return summarize(per_site, ablations)
