@@ -38,7 +38,7 @@ def site_round_generator(seed: int, round_index: int, site_index: int) -> torch.
     return torch.Generator().manual_seed(int(mixed))
 
 
-def train(config: Config, *, task: Task | None = None, log=print) -> LocalRun:
+def train(config: Config, *, task: Task | None = None, log=print, ablate: bool = True) -> LocalRun:
     paths = ensure_benchmark(config.data)
     task = task or Task(config)
     train_sites = [task.load_site(p) for p in paths.train_sites]
@@ -66,7 +66,7 @@ def train(config: Config, *, task: Task | None = None, log=print) -> LocalRun:
     run.params = params
     run.meta_test = task.meta_test(params, test_sites, num_episodes=fed.eval_episodes,
                                    generator=torch.Generator().manual_seed(fed.seed + 1),
-                                   ablate_modalities=True)
+                                   ablate_modalities=ablate)
     return run
 
 
@@ -74,10 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None)
     parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--no-ablate", action="store_true", help="skip the per-modality scores at the end")
     args = parser.parse_args(argv)
     config = load(args.config, overrides=args.overrides)
     torch.set_num_threads(max(1, config.runtime.torch_threads))
-    run = train(config)
+    run = train(config, ablate=not args.no_ablate)
     report = run.meta_test
     print(f"held-out accuracy {report['accuracy']:.4f} +- {report['ci95']:.4f} "
           f"(worst decile {report['worst_decile']:.4f}); "
