@@ -170,10 +170,8 @@ class MetaRun:
         if server_round == 0:
             return None
         fed = self.config.federation
-        now = time.time()
         rec = self.strategy.record(r)
         self.state.round = r
-        self.state.elapsed = self.elapsed_before + (now - self.session_start)
         line: dict[str, Any] = {
             "round": r,
             **{k: rec[k] for k in ("sites_sampled", "sites_replied", "sites_failed", "sites_invalid", "sites_missing")},
@@ -183,8 +181,13 @@ class MetaRun:
         if self.test_sites and is_due(r, fed.eval_every, fed.rounds):
             t0 = time.time()
             gen = torch.Generator().manual_seed(derived_seed(fed.seed, r, STREAM_META_TEST))
+            # The per-modality ablations cost one more scoring pass per modality:
+            # only for the final report.
             report = jsonable(
-                self.task.meta_test(self.state.params, self.test_sites, num_episodes=fed.eval_episodes, generator=gen)
+                self.task.meta_test(
+                    self.state.params, self.test_sites, num_episodes=fed.eval_episodes, generator=gen,
+                    ablate_modalities=r == fed.rounds,
+                )
             )
             report["seconds"] = time.time() - t0
             line["meta_test"] = report
@@ -205,9 +208,14 @@ class MetaRun:
             f.write(json.dumps(line) + "\n")
         if is_due(r, fed.checkpoint_every, fed.rounds):
             checkpoint.save(self.run_dir, self.state, config=to_dict(self.config))
+        # ETA from the rounds after this session's first (which pays for start-up).
         done = r - self.first_round + 1
         left = fed.rounds - r
-        eta = (time.time() - self.session_start) / done * left if done > 0 else None
+        if done == 1:
+            self.first_round_end = time.time()
+            eta = (time.time() - self.session_start) * left
+        else:
+            eta = (time.time() - self.first_round_end) / (done - 1) * left
         if self.on_round is not None:
             self.on_round(format_progress(line, fed.rounds, eta=eta))
         else:

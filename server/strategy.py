@@ -167,7 +167,9 @@ class MetaStrategy(FedAvg):
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"only {len(node_ids)} of {self.expected_nodes} sites connected within "
-                    f"{self.discovery_timeout:.0f}s (federation.round_timeout)"
+                    f"{self.discovery_timeout:.0f}s (federation.round_timeout); in a simulation give "
+                    "one supernode per site directory (flwr run: --federation-config "
+                    f"'num-supernodes={self.expected_nodes}')"
                 )
             time.sleep(0.1)
         new = [n for n in node_ids if n not in self.node_sites]
@@ -374,6 +376,8 @@ class MetaStrategy(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         r = self.true_round(server_round)
+        if not self.eval_due(r):
+            return None
         rec = self.record(r)
         sent = self._sent.get((r, MessageType.EVALUATE), {})
         results: list[tuple[int, dict[str, float]]] = []

@@ -1,0 +1,104 @@
+"""The ServerApp's run logic in one process: a stand-in Grid hands messages to the real ClientApp.
+
+No Ray: fast checks of what the simulations also cover, plus the deployment
+path where the server holds no held-out sites and evaluates at the sites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from client.client_app import make_client_app
+from server import checkpoint
+from server.server_app import MetaRun
+
+
+class InProcessGrid:
+    """Nodes 11, 12, ... are partitions 0, 1, ...; messages run the ClientApp right here."""
+
+    def __init__(self, client_app, num_nodes: int) -> None:
+        self.app = client_app
+        self.contexts = {
+            11 + i: Context(run_id=7, node_id=11 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
+                            state=RecordDict(), run_config={})
+            for i in range(num_nodes)
+        }
+        self.sent: list[str] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent.append(msg.metadata.message_type)
+            reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture
+def config(smoke_config, smoke_data):
+    return dataclasses.replace(
+        smoke_config, data=dataclasses.replace(smoke_config.data, root=str(smoke_data), generate=False)
+    )
+
+
+def run(config, run_dir, *, resume=False, nodes=3):
+    lines = []
+    grid = InProcessGrid(make_client_app(config), nodes)
+    summary = MetaRun(config, run_dir, resume=resume, on_round=lines.append).execute(grid)
+    return summary, lines, grid
+
+
+def test_server_run_writes_metrics_checkpoints_and_summary(config, tmp_path):
+    summary, progress, grid = run(config, tmp_path / "run")
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    assert len(progress) == 2 and progress[0].startswith("round 1/2 | sites 3/3")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2]
+    assert "meta_test" in lines[0] and "without_image" not in lines[0]["meta_test"]  # ablations: last round only
+    assert "without_image" in lines[1]["meta_test"]
+    assert "federated_eval" not in lines[0]
+    assert grid.sent.count("query") == 3 and grid.sent.count("train") == 6 and "evaluate" not in grid.sent
+
+
+def test_without_held_out_sites_the_sites_evaluate(config, smoke_data, tmp_path):
+    """Deployment: no data.root/test on the server, so evaluation is federated."""
+    root = tmp_path / "data"
+    shutil.copytree(smoke_data / "train", root / "train")
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=str(root)))
+    summary, _, grid = run(config, tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        fe = line["federated_eval"]
+        assert fe["sites_replied"] == 3 and 0.0 <= fe["accuracy"] <= 1.0 and fe["episodes"] >= 3
+        assert "meta_test" not in line
+    assert grid.sent.count("evaluate") == 6
+    assert summary["final_meta_test"]["federated"] is True
+
+
+def test_resume_in_process_matches(config, tmp_path):
+    four = dataclasses.replace(config, federation=dataclasses.replace(config.federation, rounds=4, eval_every=4))
+    run(four, tmp_path / "full")
+    two = dataclasses.replace(four, federation=dataclasses.replace(four.federation, rounds=2))
+    run(two, tmp_path / "part")
+    summary, progress, _ = run(four, tmp_path / "part", resume=True)
+    assert progress[0].startswith("round 3/4") and summary["rounds"] == 4
+    a = torch.load(tmp_path / "full" / "final_params.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "final_params.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert checkpoint.load_latest(tmp_path / "part")[0].round == 4
+
+
+def test_resume_with_another_model_is_refused(config, tmp_path):
+    run(config, tmp_path / "run")
+    other = dataclasses.replace(config, model=dataclasses.replace(config.model, hidden=12))
+    with pytest.raises(ValueError, match="does not fit this model config"):
+        run(other, tmp_path / "run", resume=True)
