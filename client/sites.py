@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from client.wire import APP_KEYS
 from common.config import Config, flatten, from_run_config
 
 DATA_PATH_KEY = "data-path"
 SITE_ID_KEY = "site-id"
 PARTITION_ID_KEY = "partition-id"
+# Run-config keys about the run itself, not the experiment (not in the Config schema):
+# ``resume`` names a run directory to continue (``flwr run . --run-config 'resume="runs/x"'``).
+RESUME_KEY = "resume"
+APP_KEYS = (RESUME_KEY,)
 
 _lock = threading.Lock()
 _tasks: dict[Config, Any] = {}
@@ -131,6 +132,8 @@ def resolve_config(bound: Config | None, run_config: Mapping[str, Any]) -> Confi
 def get_task(config: Config) -> Any:
     """One engine per process and config (the model and algorithm are built once)."""
     global _threads_set
+    import torch
+
     from common.task import Task  # imported late: the engine pulls in the model code
 
     with _lock:

@@ -29,11 +29,6 @@ TRAIN_KEYS = ("round", "inner_steps", "inner_lr", "ways", "shots", "query_shots"
 # The ConfigRecord of an evaluate instruction.
 EVALUATE_KEYS = ("round", "inner_steps", "ways", "shots", "query_shots", "episodes", "seed")
 
-# Run-config keys about the run itself, not the experiment (not in the Config schema):
-# ``resume`` names a run directory to continue (``flwr run . --run-config 'resume="runs/x"'``).
-RESUME_KEY = "resume"
-APP_KEYS = (RESUME_KEY,)
-
 # Message type of the one-off query asking a node which site it serves.
 QUERY_SITE = "query"
 SITE_ID = "site-id"

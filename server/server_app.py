@@ -41,8 +41,7 @@ from server import checkpoint
 from server.state import STREAM_META_TEST, ServerState, derived_seed
 from server.strategy import MetaStrategy, is_due
 
-RESUME_KEY = wire.RESUME_KEY
-APP_KEYS = wire.APP_KEYS
+RESUME_KEY = site_dirs.RESUME_KEY
 
 ProgressFn = Callable[[dict[str, Any], int], None]
 

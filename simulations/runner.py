@@ -18,10 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from client import sites
-from client.client_app import make_client_app
 from common.config import Config, ConfigError
-from server import checkpoint
-from server.server_app import make_server_app, make_run_dir
 
 
 class _DropDeprecationBanner(logging.Filter):
@@ -50,6 +47,12 @@ def prepare_data(config: Config) -> list[Path]:
     return train
 
 
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run (``checkpoints/round-NNNNNN``), without importing torch."""
+    root = run_dir / "checkpoints"
+    return sorted(p for p in root.glob("round-*") if p.is_dir()) if root.is_dir() else []
+
+
 def backend_config(config: Config) -> dict[str, Any]:
     rt = config.runtime
     if rt.num_gpus > 0:
@@ -69,15 +72,23 @@ def backend_config(config: Config) -> dict[str, Any]:
 
 def simulate(config: Config, *, resume_dir: str | Path | None = None, verbose: bool = False) -> int:
     """Run the simulation in the foreground; 0 when the run completed."""
-    import ray
-    from flwr.simulation import run_simulation
-
     config = absolute_paths(config)
     if resume_dir is not None:
         run_dir = Path(resume_dir).resolve()
-        checkpoint.load_latest(run_dir)  # a clear error now rather than inside the run
+        if not checkpoint_dirs(run_dir):  # a clear error now rather than inside the run
+            raise ConfigError(
+                f"no checkpoint under {run_dir / 'checkpoints'}: nothing to resume "
+                "(checkpoints are written every federation.checkpoint_every rounds)"
+            )
     train = prepare_data(config)
     backend = backend_config(config)
+
+    import ray  # the heavy imports, once the input is known to be good
+    from flwr.simulation import run_simulation
+
+    from client.client_app import make_client_app
+    from server.server_app import make_run_dir, make_server_app
+
     if verbose:  # the workers' own output (a site's failure also comes back as an error reply)
         backend["init_args"]["log_to_driver"] = True
     if resume_dir is None:
