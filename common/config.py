@@ -74,6 +74,8 @@ class AlgorithmConfig:
     name: str = "reptile"  # fedavg | reptile | fomaml | maml | metasgd
     inner_steps: int = 5
     inner_lr: float = 0.1
+    # sgd | adam (beta1 = 0, as Reptile's inner loop); used at meta-test too.
+    inner_optimizer: str = "sgd"
     eval_inner_steps: int = 10
     # MAML-family: second-order unless this is set.
     first_order: bool = False
@@ -169,6 +171,7 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.fusion": ("early", "late", "attention"),
     "algorithm.name": ("fedavg", "reptile", "fomaml", "maml", "metasgd"),
+    "algorithm.inner_optimizer": ("sgd", "adam"),
     "server_opt.name": ("sgd", "adam"),
     "server_opt.schedule": ("constant", "linear"),
     "privacy.record.accountant": ("rdp", "prv"),

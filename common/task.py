@@ -212,6 +212,7 @@ class Task:
             client_meta_lr=cfg.client_meta_lr,
             local_meta_steps=cfg.local_meta_steps,
             train_on_query=train_on_query,
+            optimizer=cfg.inner_optimizer,
         )
 
     def train_on_site(
@@ -327,7 +328,8 @@ class Task:
     def _scores(self, params: Tree, episodes: dict) -> torch.Tensor:
         cfg = self.config.algorithm
         return score_episodes(
-            self.model, params, episodes, inner_steps=cfg.eval_inner_steps, inner_lr=cfg.inner_lr
+            self.model, params, episodes, inner_steps=cfg.eval_inner_steps, inner_lr=cfg.inner_lr,
+            optimizer=cfg.inner_optimizer,
         )
 
     def evaluate_on_site(

@@ -78,6 +78,11 @@ class InnerLoop:
     # Stop gradients through the inner gradients (FOMAML / Reptile): the
     # adapted weights still depend on theta, but only through the identity.
     first_order: bool = True
+    # "sgd", or "adam" with beta1 = 0 as Reptile uses it (Nichol et al. 2018,
+    # Sec. 6): a per-coordinate step size from the running squared gradient.
+    optimizer: str = "sgd"
+    beta2: float = 0.999
+    eps: float = 1e-8
 
 
 def adapt(
@@ -98,14 +103,17 @@ def adapt(
     """
     gradient = gradient or loss_gradient(model)
     adapted = dict(params)
+    rates = learning_rates or {k: loop.inner_lr for k in adapted}
+    second_moment = {k: torch.zeros_like(v) for k, v in adapted.items()} if loop.optimizer == "adam" else None
     for step in range(loop.inner_steps):
         grads = gradient(adapted, support, step)
         if loop.first_order:
             grads = {k: g.detach() for k, g in grads.items()}
-        if learning_rates is None:
-            adapted = {k: adapted[k] - loop.inner_lr * grads[k] for k in adapted}
-        else:
-            adapted = {k: adapted[k] - learning_rates[k] * grads[k] for k in adapted}
+        if second_moment is not None:
+            second_moment = {k: loop.beta2 * second_moment[k] + (1 - loop.beta2) * grads[k] ** 2 for k in grads}
+            correction = 1.0 - loop.beta2 ** (step + 1)
+            grads = {k: grads[k] / (torch.sqrt(second_moment[k] / correction) + loop.eps) for k in grads}
+        adapted = {k: adapted[k] - rates[k] * grads[k] for k in adapted}
     return adapted
 
 

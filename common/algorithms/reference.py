@@ -33,14 +33,22 @@ def adapt_reference(
     inner_lr: float,
     first_order: bool,
     learning_rates: Tree | None = None,
+    optimizer: str = "sgd",
+    beta2: float = 0.999,
+    eps: float = 1e-8,
 ) -> Tree:
     adapted = dict(params)
     names = list(adapted)
-    for _ in range(inner_steps):
+    squares = {k: torch.zeros_like(v) for k, v in adapted.items()}
+    for t in range(1, inner_steps + 1):
         loss = batch_loss(model, adapted, support)
         grads = torch.autograd.grad(loss, [adapted[k] for k in names], create_graph=not first_order)
         rates = learning_rates or {k: inner_lr for k in names}
-        adapted = {k: adapted[k] - rates[k] * g for k, g in zip(names, grads)}
+        for k, g in zip(names, grads):
+            if optimizer == "adam":  # beta1 = 0
+                squares[k] = beta2 * squares[k] + (1 - beta2) * g * g
+                g = g / ((squares[k] / (1 - beta2**t)).sqrt() + eps)
+            adapted[k] = adapted[k] - rates[k] * g
     return adapted
 
 
@@ -55,7 +63,8 @@ def reptile_reference(*, model, params, episodes, hparams: ClientHParams) -> Cli
     for i in range(n):
         episode = index_episode(episodes, i)
         adapted = adapt_reference(model, _requires_grad(params), episode["support"],
-                                  inner_steps=loop.inner_steps, inner_lr=loop.inner_lr, first_order=True)
+                                  inner_steps=loop.inner_steps, inner_lr=loop.inner_lr, first_order=True,
+                                  optimizer=loop.optimizer)
         total = {k: total[k] + adapted[k].detach() for k in total}
     return ClientResult(params={k: v / n for k, v in total.items()})
 
@@ -67,7 +76,8 @@ def fedavg_reference(*, model, params, episodes, hparams: ClientHParams) -> Clie
         episode = index_episode(episodes, i)
         batch = merge_support_query(episode) if hparams.train_on_query else episode["support"]
         current = adapt_reference(model, _requires_grad(current), batch,
-                                  inner_steps=loop.inner_steps, inner_lr=loop.inner_lr, first_order=True)
+                                  inner_steps=loop.inner_steps, inner_lr=loop.inner_lr, first_order=True,
+                                  optimizer=loop.optimizer)
         current = {k: v.detach() for k, v in current.items()}
     return ClientResult(params=current)
 
@@ -78,7 +88,8 @@ def meta_gradient_reference(*, model, params, episode, hparams: ClientHParams) -
     loop = hparams.loop
     rates = lr_part(leaves) or None
     adapted = adapt_reference(model, model_part(leaves), episode["support"], inner_steps=loop.inner_steps,
-                              inner_lr=loop.inner_lr, first_order=loop.first_order, learning_rates=rates)
+                              inner_lr=loop.inner_lr, first_order=loop.first_order, learning_rates=rates,
+                              optimizer=loop.optimizer)
     loss = batch_loss(model, adapted, episode["query"])
     names = list(leaves)
     grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)

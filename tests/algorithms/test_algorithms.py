@@ -34,6 +34,18 @@ def test_vectorized_update_equals_per_episode_reference_float64(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_adam_inner_loop_vectorized_equals_reference(name):
+    model = TinyNet().double()
+    algorithm = get_algorithm(name)
+    params = algorithm.init(make_params(model, torch.float64), 0.01)
+    hparams = algorithm.hparams(inner_steps=3, inner_lr=0.01, client_meta_lr=0.3, optimizer="adam")
+    data = make_episodes(3)
+    fast = algorithm.client_update(model=model, params=params, episodes=data, hparams=hparams).params
+    slow = REFERENCES[name](model=model, params=params, episodes=data, hparams=hparams).params
+    assert tree.max_abs_diff(fast, slow) < 1e-10
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_vectorized_update_equals_reference_float32(name):
     model, algorithm, params, hparams, data = _setup(name, torch.float32)
     fast = algorithm.client_update(model=model, params=params, episodes=data, hparams=hparams).params
