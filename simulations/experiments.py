@@ -1,0 +1,239 @@
+"""Experiments made of several simulations: algorithm comparison, privacy sweeps.
+
+    metafed compare        --config FILE [--set ...]
+    metafed privacy-sweep  --config FILE [--set ...] [--epsilons inf,8,4,2,1] [--levels record,client]
+    metafed plan-privacy   --config FILE [--set ...] --target-epsilon 4 [--level record|client]
+
+Every run is an ordinary ``metafed simulate`` run (same seed, sites and
+budget; only the varied setting changes) written under one experiment folder
+with a markdown table, a JSON file of the numbers and PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from common.config import Config, ConfigError
+
+ALGORITHMS = ("fedavg", "reptile", "fomaml", "maml", "metasgd")
+
+
+class RunFailed(RuntimeError):
+    """One of the experiment's simulations did not complete."""
+
+
+def _timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def run_one(config: Config, *, name: str, output_dir: Path) -> Path:
+    """Run one simulation in the foreground; return its run directory."""
+    from simulations.runner import simulate
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(config, name=name, output_dir=str(output_dir))
+    code = simulate(config)
+    runs = sorted(output_dir.glob(f"{name}-*"))
+    if code != 0 or not runs:
+        raise RunFailed(f"the run '{name}' failed (exit code {code}); see its output above")
+    return runs[-1]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def final_meta_test(run_dir: Path) -> dict[str, Any]:
+    for record in reversed(read_metrics(run_dir)):
+        if record.get("meta_test"):
+            return record["meta_test"]
+    raise RunFailed(f"{run_dir} has no meta-test result")
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if isinstance(x, float):
+        return "inf" if math.isinf(x) else f"{x:.{digits}f}"
+    return str(x)
+
+
+# ---------------------------------------------------------------- compare
+def compare(config: Config, *, algorithms: tuple[str, ...] = ALGORITHMS) -> Path:
+    """Each algorithm under the same seed, sites and rounds; a table and two plots."""
+    out = Path(config.output_dir) / f"{config.name}-compare-{_timestamp()}"
+    rows = []
+    for algorithm in algorithms:
+        cfg = dataclasses.replace(config, algorithm=dataclasses.replace(config.algorithm, name=algorithm))
+        run_dir = run_one(cfg, name=algorithm, output_dir=out / "runs")
+        history = read_metrics(run_dir)
+        final = final_meta_test(run_dir)
+        rows.append({
+            "algorithm": algorithm,
+            "accuracy": final["accuracy"],
+            "ci95": final["ci95"],
+            "worst_decile": final["worst_decile"],
+            "bytes": sum(r.get("bytes_sent", 0) + r.get("bytes_received", 0) for r in history),
+            "seconds": history[-1].get("elapsed", math.nan),
+            "run_dir": str(run_dir),
+            "curve": [(r["round"], r["meta_test"]["accuracy"],
+                       sum(h.get("bytes_sent", 0) + h.get("bytes_received", 0) for h in history[: i + 1]))
+                      for i, r in enumerate(history) if r.get("meta_test")],
+        })
+    lines = [
+        f"Held-out 5-way {config.episodes.shots}-shot accuracy after {config.federation.rounds} rounds "
+        f"({config.federation.sites_per_round} sites per round, seed {config.federation.seed}); "
+        "mean and 95% CI over test episodes.",
+        "",
+        "| algorithm | accuracy | 95% CI | worst decile of sites | MB sent+received | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['algorithm']} | {_fmt(row['accuracy'])} | ± {_fmt(row['ci95'])} | "
+                     f"{_fmt(row['worst_decile'])} | {row['bytes'] / 1e6:.1f} | {row['seconds']:.0f} |")
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    (out / "compare.json").write_text(json.dumps(rows, indent=2))
+    from simulations.experiment_plots import plot_comparison
+
+    plot_comparison(rows, out)
+    print("\n".join(lines))
+    print(f"written: {out}")
+    return out
+
+
+# ----------------------------------------------------------- privacy sweep
+def expected_participations(config: Config, num_sites: int) -> float:
+    fed = config.federation
+    rate = fed.fraction if fed.fraction > 0 else min(1.0, fed.sites_per_round / max(num_sites, 1))
+    return fed.rounds * rate
+
+
+def plan(config: Config, *, level: str, target_epsilon: float, num_sites: int) -> tuple[float, str]:
+    """Noise multiplier that reaches ``target_epsilon`` at the config's delta, and a readable summary."""
+    from common.privacy.planner import format_plan, plan_client_noise, plan_noise_multiplier
+
+    if level == "record":
+        dp = config.privacy.record
+        participations = expected_participations(config, num_sites)
+        sigma = plan_noise_multiplier(
+            target_epsilon=target_epsilon, delta=dp.delta,
+            episodes_per_round=config.episodes.episodes_per_round, inner_steps=max(1, config.algorithm.inner_steps),
+            sample_rate=dp.sample_rate, expected_participations=participations, accountant=dp.accountant,
+        )
+        steps = math.ceil(participations) * config.episodes.episodes_per_round
+        text = format_plan(level="record", accountant=dp.accountant, delta=dp.delta, noise_multiplier=sigma,
+                           clip_norm=dp.clip_norm, sample_rate=dp.sample_rate, steps=steps,
+                           target_epsilon=target_epsilon, inner_steps=config.algorithm.inner_steps)
+        return sigma, text
+    if level == "client":
+        dp = config.privacy.client
+        q = config.federation.fraction
+        if q <= 0:
+            raise ConfigError("client-level DP needs federation.fraction (the Poisson rate of sites per round)")
+        sigma = plan_client_noise(target_epsilon=target_epsilon, delta=dp.delta, rounds=config.federation.rounds,
+                                  sample_rate=q, accountant=dp.accountant)
+        text = format_plan(level="client", accountant=dp.accountant, delta=dp.delta, noise_multiplier=sigma,
+                           clip_norm=dp.clip_norm, sample_rate=q, steps=config.federation.rounds,
+                           target_epsilon=target_epsilon)
+        return sigma, text
+    raise ConfigError(f"privacy level must be 'record' or 'client'; got {level!r}")
+
+
+def private_config(config: Config, *, level: str, target_epsilon: float, num_sites: int, ledger_dir: Path) -> Config:
+    sigma, text = plan(config, level=level, target_epsilon=target_epsilon, num_sites=num_sites)
+    print(text, flush=True)
+    if level == "record":
+        record = dataclasses.replace(
+            config.privacy.record, enabled=True, noise_multiplier=sigma, target_epsilon=target_epsilon,
+            # A site that would pass the target (it was sampled more often than
+            # expected) refuses: no site ends above the epsilon reported.
+            max_epsilon=target_epsilon, ledger_dir=str(ledger_dir),
+        )
+        privacy = dataclasses.replace(config.privacy, record=record)
+    else:
+        client = dataclasses.replace(config.privacy.client, enabled=True, noise_multiplier=sigma,
+                                     target_epsilon=target_epsilon)
+        privacy = dataclasses.replace(config.privacy, client=client)
+    return dataclasses.replace(config, privacy=privacy)
+
+
+def _site_epsilons(ledger_dir: Path) -> dict[str, float]:
+    out = {}
+    for path in sorted(ledger_dir.glob("*.json")):
+        doc = json.loads(path.read_text())
+        entries = doc.get("entries") or []
+        out[path.stem] = float(entries[-1]["epsilon"]) if entries else 0.0
+    return out
+
+
+def privacy_sweep(
+    config: Config,
+    *,
+    epsilons: tuple[float, ...] = (math.inf, 8.0, 4.0, 2.0, 1.0),
+    levels: tuple[str, ...] = ("record", "client"),
+) -> Path:
+    """Held-out accuracy against epsilon for each privacy level; table, plot, every site's epsilon."""
+    from client.sites import train_site_dirs
+    from simulations.runner import absolute_paths, prepare_data
+
+    config = absolute_paths(config)
+    num_sites = len(prepare_data(config)) or len(train_site_dirs(config.data.root))
+    out = Path(config.output_dir) / f"{config.name}-privacy-{_timestamp()}"
+    base = dataclasses.replace(config, privacy=dataclasses.replace(
+        config.privacy, record=dataclasses.replace(config.privacy.record, enabled=False),
+        client=dataclasses.replace(config.privacy.client, enabled=False)))
+    rows: list[dict[str, Any]] = []
+    if any(math.isinf(e) for e in epsilons):
+        run_dir = run_one(base, name="non-private", output_dir=out / "runs")
+        final = final_meta_test(run_dir)
+        rows.append({"level": "none", "target_epsilon": math.inf, "epsilon": math.inf, "noise_multiplier": 0.0,
+                     "accuracy": final["accuracy"], "ci95": final["ci95"], "run_dir": str(run_dir)})
+    for level in levels:
+        for target in (e for e in epsilons if not math.isinf(e)):
+            cfg = base
+            if level == "client" and not cfg.federation.poisson:
+                # Amplification by sampling holds only for Poisson sampling of sites.
+                fraction = cfg.federation.fraction or cfg.federation.sites_per_round / num_sites
+                cfg = dataclasses.replace(cfg, federation=dataclasses.replace(
+                    cfg.federation, poisson=True, fraction=fraction))
+            ledger_dir = out / "ledgers" / f"{level}-eps{target:g}"
+            cfg = private_config(cfg, level=level, target_epsilon=target, num_sites=num_sites, ledger_dir=ledger_dir)
+            run_dir = run_one(cfg, name=f"{level}-eps{target:g}", output_dir=out / "runs")
+            final = final_meta_test(run_dir)
+            row: dict[str, Any] = {"level": level, "target_epsilon": target, "accuracy": final["accuracy"],
+                                   "ci95": final["ci95"], "run_dir": str(run_dir)}
+            if level == "record":
+                sites = _site_epsilons(ledger_dir)
+                row.update(noise_multiplier=cfg.privacy.record.noise_multiplier,
+                           epsilon=max(sites.values(), default=0.0),
+                           median_site_epsilon=statistics.median(sites.values()) if sites else 0.0,
+                           site_epsilons=sites)
+            else:
+                eps = [r["privacy"]["client_epsilon"] for r in read_metrics(run_dir) if r.get("privacy")]
+                row.update(noise_multiplier=cfg.privacy.client.noise_multiplier, epsilon=eps[-1] if eps else math.nan)
+            rows.append(row)
+    delta_r, delta_c = config.privacy.record.delta, config.privacy.client.delta
+    lines = [
+        f"Held-out accuracy against epsilon ({config.federation.rounds} rounds, seed {config.federation.seed}; "
+        f"record-level delta={delta_r:g}, client-level delta={delta_c:g}). Record level: epsilon is the "
+        "largest over sites (each site's ledger); client level: the global model's.",
+        "",
+        "| level | target epsilon | epsilon reached | noise multiplier | accuracy | 95% CI |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['level']} | {_fmt(row['target_epsilon'], 1)} | {_fmt(row['epsilon'], 2)} | "
+                     f"{_fmt(row['noise_multiplier'], 3)} | {_fmt(row['accuracy'])} | ± {_fmt(row['ci95'])} |")
+    (out / "privacy_sweep.md").write_text("\n".join(lines) + "\n")
+    (out / "privacy_sweep.json").write_text(json.dumps(rows, indent=2, default=str))
+    from simulations.experiment_plots import plot_privacy_sweep
+
+    plot_privacy_sweep(rows, out)
+    print("\n".join(lines))
+    print(f"written: {out}")
+    return out
