@@ -20,6 +20,7 @@ from flwr.common.constant import ErrorCode
 
 from client import sites, wire
 from common.config import Config
+from common.task import PrivacyBudgetExceeded
 
 
 def _error_reply(msg: Message, ref: sites.SiteRef | None, err: Exception) -> Message:
@@ -57,7 +58,10 @@ def make_client_app(config: Config | None = None) -> ClientApp:
         theta = wire.record_to_tree(msg.content[wire.ARRAYS])
         round_config = dict(msg.content[wire.CONFIG])
         generator = torch.Generator().manual_seed(int(round_config["seed"]))
-        result = task.train_on_site(theta, site, round_config=round_config, generator=generator)
+        try:
+            result = task.train_on_site(theta, site, round_config=round_config, generator=generator)
+        except PrivacyBudgetExceeded as err:  # the site refuses: a clear error reply
+            return _error_reply(msg, found[0], err)
         content = RecordDict(
             {
                 wire.ARRAYS: wire.tree_to_record(result.params),

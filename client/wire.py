@@ -25,7 +25,8 @@ SITE = "site"
 NUM_EXAMPLES = "num-examples"
 
 # The ConfigRecord of a train instruction (the client merges these over its config).
-TRAIN_KEYS = ("round", "inner_steps", "inner_lr", "ways", "shots", "query_shots", "episodes", "seed")
+# ``run_id`` names the run (its directory, kept on resume) for a site's privacy ledger.
+TRAIN_KEYS = ("round", "inner_steps", "inner_lr", "ways", "shots", "query_shots", "episodes", "seed", "run_id")
 # The ConfigRecord of an evaluate instruction.
 EVALUATE_KEYS = ("round", "inner_steps", "ways", "shots", "query_shots", "episodes", "seed")
 

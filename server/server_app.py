@@ -43,9 +43,6 @@ from server.strategy import MetaStrategy, is_due
 
 RESUME_KEY = site_dirs.RESUME_KEY
 
-ProgressFn = Callable[[dict[str, Any], int], None]
-
-
 def make_run_dir(config: Config) -> Path:
     """``output_dir/NAME-YYYYmmdd-HHMMSS`` (a suffix when that exists already)."""
     base = Path(config.output_dir).expanduser().resolve()
@@ -257,7 +254,7 @@ class MetaRun:
             expected = len(site_dirs.train_site_dirs(config.data.root)) or fed.min_sites
         self.strategy = MetaStrategy(
             config, self.state, expected_nodes=expected, round_offset=self.state.round,
-            federated_eval=federated_eval,
+            federated_eval=federated_eval, run_id=self.run_dir.name,
         )
         self.first_round = self.state.round + 1
         self.round_start = self.session_start = time.time()

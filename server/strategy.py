@@ -107,6 +107,7 @@ class MetaStrategy(FedAvg):
         round_offset: int = 0,
         federated_eval: bool = False,
         discovery_timeout: float | None = None,
+        run_id: str = "",
     ) -> None:
         fed = config.federation
         super().__init__(
@@ -120,6 +121,7 @@ class MetaStrategy(FedAvg):
             configrecord_key=wire.CONFIG,
         )
         self.config = config
+        self.run_id = run_id
         self.state = state
         self.aggregator: Aggregator = aggregator or WeightedMean()
         if state.aggregator_state:
@@ -128,6 +130,7 @@ class MetaStrategy(FedAvg):
         self.round_offset = round_offset
         self.federated_eval = federated_eval
         self.discovery_timeout = fed.round_timeout if discovery_timeout is None else discovery_timeout
+        self._eval_sites = 1  # sites asked to evaluate this round
         self.node_sites: dict[int, str] = {}  # node id -> site id
         self.rounds: dict[int, dict[str, Any]] = {}  # per-round record
         self._sent: dict[tuple[int, str], dict[int, tuple[str, int]]] = {}  # (round, kind) -> node -> (site, episodes)
@@ -209,6 +212,7 @@ class MetaStrategy(FedAvg):
                 "query_shots": c.episodes.query_shots,
                 "episodes": c.episodes.episodes_per_round,
                 "seed": derived_seed(c.federation.seed, server_round, STREAM_SITE, site_id),
+                "run_id": self.run_id,
             }
         )
 
@@ -328,6 +332,8 @@ class MetaStrategy(FedAvg):
         )
         self.state.aggregator_state = self.aggregator.state_dict()
         train_metrics = _weighted_metrics([(n, m) for _, _, n, m in updates])
+        if any("epsilon" in m for _, _, _, m in updates):  # record-level DP: the worst site's budget
+            train_metrics["epsilon_max"] = max(m["epsilon"] for _, _, _, m in updates if "epsilon" in m)
         train_metrics["episodes"] = float(sum(weights))
         if delta is not None:
             new_params, new_opt = server_opt.apply(
@@ -406,8 +412,6 @@ class MetaStrategy(FedAvg):
         agg["episodes"] = float(sum(n for n, _ in results))
         rec["federated_eval"] = {**agg, "sites_replied": len(results), "sites_failed": failed, "sites_invalid": invalid}
         return MetricRecord(agg)
-
-    _eval_sites: int = 1
 
 
 def _weighted_metrics(items: list[tuple[int, dict[str, float]]]) -> dict[str, float]:

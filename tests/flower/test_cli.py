@@ -81,3 +81,38 @@ def test_missing_data_without_generation(tmp_path):
                    "--set", "data.generate=false", "--set", f"output_dir={tmp_path / 'runs'}")
     assert proc.returncode == 2, proc.stderr
     assert "data.generate" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_make_data_writes_the_site_directories(tmp_path, smoke_config):
+    out = tmp_path / "bench"
+    proc = metafed("make-data", "--config", str(SMOKE), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"{out / 'train'}: {smoke_config.data.num_train_sites} sites" in proc.stdout
+    assert len([p for p in (out / "test").iterdir() if p.is_dir()]) == smoke_config.data.num_test_sites
+    assert (out / "train" / "site-0000" / "manifest.yaml").is_file()
+    # Other settings over an existing benchmark: refused with the reason, exit 2.
+    proc = metafed("make-data", "--config", str(SMOKE), "--out", str(out), "--set", "data.num_classes=50")
+    assert proc.returncode == 2 and "other settings" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_flower_run_config_defaults_mirror_the_config_schema():
+    """Every schema key is in [tool.flwr.app.config] with its default (Flower refuses unknown overrides)."""
+    import tomllib
+
+    from client.sites import config_from_run_config
+    from common.config import Config, flatten, valid_keys
+
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    run_config = flat(app["config"])
+    assert set(run_config) == set(valid_keys()) | {"config-file", "resume"}
+    assert config_from_run_config(run_config) == Config()
+    defaults = flatten(Config())
+    assert all(run_config[k] == (",".join(v) if isinstance(v, list) else v) for k, v in defaults.items())

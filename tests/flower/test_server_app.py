@@ -102,3 +102,32 @@ def test_resume_with_another_model_is_refused(config, tmp_path):
     other = dataclasses.replace(config, model=dataclasses.replace(config.model, hidden=12))
     with pytest.raises(ValueError, match="does not fit this model config"):
         run(other, tmp_path / "run", resume=True)
+
+
+def test_record_level_dp_reports_epsilon_and_a_site_past_its_budget_refuses(config, tmp_path):
+    """Record-level DP through the apps: epsilon comes back; a site whose ledger is full answers with an error."""
+    ledger = tmp_path / "ledgers"
+    private = dataclasses.replace(
+        config,
+        federation=dataclasses.replace(config.federation, rounds=1, eval_episodes=2),
+        privacy=dataclasses.replace(
+            config.privacy,
+            record=dataclasses.replace(config.privacy.record, enabled=True, noise_multiplier=1.0,
+                                       ledger_dir=str(ledger)),
+        ),
+    )
+    run(private, tmp_path / "first")
+    (line,) = [json.loads(x) for x in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]
+    assert line["sites_replied"] == 3
+    eps = line["train"]["epsilon_max"]
+    assert eps > 0 and line["train"]["epsilon"] <= eps
+    assert len(list(ledger.glob("*.json"))) == 3  # one ledger per site
+
+    # Another run against the same ledgers, with a budget the next round would exceed.
+    capped = dataclasses.replace(private, privacy=dataclasses.replace(
+        private.privacy, record=dataclasses.replace(private.privacy.record, max_epsilon=eps * 1.2)))
+    summary, _, _ = run(capped, tmp_path / "second")
+    (line,) = [json.loads(x) for x in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
+    assert (line["sites_failed"], line["sites_replied"]) == (3, 0)
+    assert all("refuses to train" in f["reason"] for f in line["failures"])
+    assert summary["status"] == "completed"
