@@ -38,6 +38,7 @@ from common import tree
 from common.algorithms import server_opt
 from common.config import Config, ConfigError, save, to_dict
 from server import checkpoint
+from server.aggregation import make_aggregator
 from server.state import STREAM_META_TEST, ServerState, derived_seed
 from server.strategy import MetaStrategy, is_due
 
@@ -190,6 +191,8 @@ class MetaRun:
             result = MetricRecord(scalar_metrics(report))
         if "federated_eval" in rec:
             line["federated_eval"] = rec["federated_eval"]
+        if "privacy" in rec:
+            line["privacy"] = rec["privacy"]
         last_acc = self._last_accuracy(self.state.history + [line])
         line["last_meta_test_accuracy"] = last_acc
         self.state.elapsed = self.elapsed_before + (time.time() - self.session_start)
@@ -254,7 +257,7 @@ class MetaRun:
             expected = len(site_dirs.train_site_dirs(config.data.root)) or fed.min_sites
         self.strategy = MetaStrategy(
             config, self.state, expected_nodes=expected, round_offset=self.state.round,
-            federated_eval=federated_eval, run_id=self.run_dir.name,
+            federated_eval=federated_eval, run_id=self.run_dir.name, aggregator=make_aggregator(config),
         )
         self.first_round = self.state.round + 1
         self.round_start = self.session_start = time.time()

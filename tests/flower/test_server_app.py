@@ -131,3 +131,19 @@ def test_record_level_dp_reports_epsilon_and_a_site_past_its_budget_refuses(conf
     assert (line["sites_failed"], line["sites_replied"]) == (3, 0)
     assert all("refuses to train" in f["reason"] for f in line["failures"])
     assert summary["status"] == "completed"
+
+
+def test_client_level_dp_run_reports_cumulative_epsilon(config, tmp_path):
+    private = dataclasses.replace(
+        config,
+        federation=dataclasses.replace(config.federation, fraction=0.6, poisson=True, eval_every=2),
+        privacy=dataclasses.replace(
+            config.privacy, client=dataclasses.replace(config.privacy.client, enabled=True, noise_multiplier=1.1)),
+    )
+    run(private, tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    eps = [line["privacy"]["client_epsilon"] for line in lines]
+    assert 0 < eps[0] < eps[1] < float("inf")
+    assert all(line["privacy"]["sample_rate"] == 0.6 for line in lines)
+    state, _ = checkpoint.load_latest(tmp_path / "run")
+    assert state.aggregator_state["rounds"] == 2

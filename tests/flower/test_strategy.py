@@ -291,3 +291,73 @@ def test_poisson_sampling_includes_each_site_independently():
     assert len(set(counts)) > 3  # the count varies from round to round
     assert np.mean(counts) == pytest.approx(20, rel=0.1)
     assert expected_count(config, 200) == pytest.approx(20.0)
+
+
+# ------------------------------------------------------------ client-level DP
+
+
+def dp_strategy(num_nodes, *, z, clip, fraction, poisson=True, lr=1.0):
+    from server.aggregation import make_aggregator
+
+    config = make_config(**{
+        "server_opt.lr": lr, "federation.fraction": fraction, "federation.poisson": poisson,
+        "privacy.client.enabled": True, "privacy.client.noise_multiplier": z, "privacy.client.clip_norm": clip,
+    })
+    params = theta0()
+    state = ServerState(params=params, opt_state=server_opt.init_state(params, config=config.server_opt))
+    strategy = MetaStrategy(config, state, expected_nodes=num_nodes, discovery_timeout=1.0,
+                            aggregator=make_aggregator(config))
+    return strategy, FakeGrid(num_nodes)
+
+
+def test_client_dp_clips_each_site_and_divides_by_the_expected_count():
+    strategy, grid = dp_strategy(4, z=0.0, clip=1.0, fraction=0.5, poisson=False)
+    sent = sorted(send(strategy, grid, 1).items())
+    assert len(sent) == 2
+    # Site 1 moves w by (2, 0, 0) (norm 2 -> clipped to norm 1); site 2 by (0.5, 0, 0) (kept).
+    moves = [np.array([2.0, 0.0, 0.0], np.float32), np.array([0.5, 0.0, 0.0], np.float32)]
+    replies = []
+    for (node, msg), move in zip(sent, moves):
+        phi = {k: v.numpy().copy() for k, v in theta0().items()}
+        phi["w"] = phi["w"] + move
+        replies.append(reply(msg, phi, 1 if move[0] > 1 else 8))  # weights must not matter
+    strategy.aggregate_train(1, replies)
+    # (1 + 0.5) / expected 2 sites = 0.75 on w[0]; the rest unchanged.
+    assert torch.allclose(strategy.state.params["w"], theta0()["w"] + torch.tensor([0.75, 0.0, 0.0]))
+    assert torch.equal(strategy.state.params["b"], theta0()["b"])
+    privacy = strategy.rounds[1]["privacy"]
+    assert privacy["sample_rate"] == 1.0  # fixed-size sampling: no amplification claimed
+    assert privacy["client_epsilon"] == float("inf")  # z = 0: no guarantee
+
+
+def test_client_dp_round_without_sites_releases_noise_and_is_accounted():
+    strategy, grid = dp_strategy(200, z=1.0, clip=0.5, fraction=0.001)  # q N = 0.2
+    rounds_without = 0
+    for r in range(1, 4):
+        sent = send(strategy, grid, r)
+        before = {k: v.clone() for k, v in strategy.state.params.items()}
+        replies = [reply(m, shifted(before, 0.0), 4) for m in sent.values()]
+        strategy.aggregate_train(r, replies)
+        moved = float(tree_norm(before, strategy.state.params))
+        assert moved > 0  # noise, even with no site
+        rounds_without += not sent
+    assert rounds_without >= 1
+    privacy = strategy.rounds[3]["privacy"]
+    assert privacy["rounds_accounted"] == 3 and privacy["sample_rate"] == 0.001
+    assert 0 < strategy.rounds[1]["privacy"]["client_epsilon"] < privacy["client_epsilon"] < float("inf")
+    # The accountant's state travels with the server state (checkpoints, resume).
+    state = strategy.state.aggregator_state
+    assert state["rounds"] == 3 and len(state["accountant"]["history"]) >= 1
+
+
+def test_client_dp_noise_is_reproducible_per_round():
+    a, grid_a = dp_strategy(10, z=1.0, clip=1.0, fraction=0.5)
+    b, grid_b = dp_strategy(10, z=1.0, clip=1.0, fraction=0.5)
+    for s, g in ((a, grid_a), (b, grid_b)):
+        sent = send(s, g, 1)
+        s.aggregate_train(1, [reply(m, shifted(theta0(), 0.1), 4) for m in sent.values()])
+    assert all(torch.equal(a.state.params[k], b.state.params[k]) for k in a.state.params)
+
+
+def tree_norm(a, b):
+    return torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
