@@ -1,7 +1,10 @@
 """The ``metafed`` command.
 
-    metafed simulate  [--config FILE] [--set section.key=value ...] [--resume RUN_DIR] [--verbose]
-    metafed make-data [--config FILE] [--set section.key=value ...] [--out DIR]
+    metafed simulate      [--config FILE] [--set section.key=value ...] [--resume RUN_DIR] [--verbose]
+    metafed make-data     [--config FILE] [--set section.key=value ...] [--out DIR]
+    metafed compare       [--config FILE] [--set ...] [--algorithms fedavg,reptile,...]
+    metafed privacy-sweep [--config FILE] [--set ...] [--epsilons inf,8,4,2,1] [--levels record,client]
+    metafed plan-privacy  [--config FILE] [--set ...] --target-epsilon 4 [--level record|client]
 
 A bad config (unknown key, wrong type, missing file), bad data or a run
 directory without a checkpoint prints the reason on stderr and exits with code
@@ -32,6 +35,23 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue a run from its latest checkpoint (uses RUN_DIR/config.yaml plus --set)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
+    cmp_ = sub.add_parser("compare", help="each algorithm under the same seed, sites and rounds")
+    cmp_.add_argument("--config", help="YAML experiment file")
+    cmp_.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cmp_.add_argument("--algorithms", default="fedavg,reptile,fomaml,maml,metasgd")
+
+    sweep = sub.add_parser("privacy-sweep", help="held-out accuracy against epsilon (record and client level)")
+    sweep.add_argument("--config", help="YAML experiment file")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--epsilons", default="inf,8,4,2,1")
+    sweep.add_argument("--levels", default="record,client")
+
+    plan = sub.add_parser("plan-privacy", help="the noise multiplier that reaches a target epsilon")
+    plan.add_argument("--config", help="YAML experiment file")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--target-epsilon", type=float, required=True)
+    plan.add_argument("--level", choices=("record", "client"), default="record")
+
     data = sub.add_parser("make-data", help="write the procedural benchmark's site directories")
     data.add_argument("--config", help="YAML experiment file (its data section is used)")
     data.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -51,6 +71,41 @@ def _is_input_error(err: ValueError) -> bool:
         if module in sys.modules:
             kinds.append(getattr(sys.modules[module], name))
     return isinstance(err, tuple(kinds))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"expected comma-separated numbers (inf allowed), got {text!r}") from None
+
+
+def _experiment(args: argparse.Namespace, config) -> int:
+    from simulations import experiments
+
+    try:
+        if args.command == "compare":
+            algorithms = tuple(a.strip() for a in args.algorithms.split(",") if a.strip())
+            unknown = sorted(set(algorithms) - set(experiments.ALGORITHMS))
+            if unknown:
+                raise ConfigError(f"--algorithms: unknown {unknown}; choose from {', '.join(experiments.ALGORITHMS)}")
+            experiments.compare(config, algorithms=algorithms)
+        elif args.command == "privacy-sweep":
+            levels = tuple(x.strip() for x in args.levels.split(",") if x.strip())
+            if set(levels) - {"record", "client"}:
+                raise ConfigError(f"--levels: record and/or client, got {args.levels!r}")
+            experiments.privacy_sweep(config, epsilons=_floats(args.epsilons), levels=levels)
+        else:
+            from simulations.runner import absolute_paths, prepare_data
+
+            config = absolute_paths(config)
+            _, text = experiments.plan(config, level=args.level, target_epsilon=args.target_epsilon,
+                                       num_sites=len(prepare_data(config)))
+            print(text)
+    except experiments.RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +143,8 @@ def _main(argv: list[str] | None) -> int:
             from simulations.runner import simulate
 
             return simulate(config, verbose=args.verbose)
+        if args.command in ("compare", "privacy-sweep", "plan-privacy"):
+            return _experiment(args, load(args.config, overrides=args.overrides))
         if args.command == "make-data":
             from simulations.runner import make_data
 
