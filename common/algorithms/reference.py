@@ -33,6 +33,7 @@ def adapt_reference(
     inner_lr: float,
     first_order: bool,
     learning_rates: Tree | None = None,
+    alternate_with: dict | None = None,
     optimizer: str = "sgd",
     beta2: float = 0.999,
     eps: float = 1e-8,
@@ -41,7 +42,8 @@ def adapt_reference(
     names = list(adapted)
     squares = {k: torch.zeros_like(v) for k, v in adapted.items()}
     for t in range(1, inner_steps + 1):
-        loss = batch_loss(model, adapted, support)
+        batch = alternate_with if (alternate_with is not None and t % 2 == 0) else support
+        loss = batch_loss(model, adapted, batch)
         grads = torch.autograd.grad(loss, [adapted[k] for k in names], create_graph=not first_order)
         rates = learning_rates or {k: inner_lr for k in names}
         for k, g in zip(names, grads):
@@ -64,7 +66,7 @@ def reptile_reference(*, model, params, episodes, hparams: ClientHParams) -> Cli
         episode = index_episode(episodes, i)
         adapted = adapt_reference(model, _requires_grad(params), episode["support"],
                                   inner_steps=loop.inner_steps, inner_lr=loop.inner_lr, first_order=True,
-                                  optimizer=loop.optimizer)
+                                  alternate_with=episode["query"], optimizer=loop.optimizer)
         total = {k: total[k] + adapted[k].detach() for k in total}
     return ClientResult(params={k: v / n for k, v in total.items()})
 

@@ -5,6 +5,13 @@ arXiv 1803.02999 (v3), Algorithm 2. The site computes
 ``phi_i = adapt(theta, support_i)`` for its meta-batch of episodes at once
 (``torch.func.vmap``) and replies with ``mean_i phi_i``; the server's
 ``theta + eps * mean(phi - theta)`` then is batched Reptile across sites.
+
+The inner steps alternate between the episode's two halves (support, then
+query, then support...): Reptile's meta-learning term, which raises the inner
+product of gradients on *different* minibatches of a task (Nichol et al.,
+Sec. 5), is absent when every inner step sees the same batch. Under
+record-level DP only the Poisson-sampled support is used (the query is not
+Poisson-sampled, so amplification would not hold for it).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from torch import nn
 from torch.func import vmap
 
 from common.algorithms.base import Algorithm, ClientHParams, ClientResult, plain_init
-from common.algorithms.inner import GradientFn, adapt, batch_accuracy, batch_loss
+from common.algorithms.inner import GradientFn, adapt, batch_loss
 from common.tree import Tree, mean_over_leading
 
 
@@ -27,19 +34,26 @@ def client_update(
     gradient: GradientFn | None = None,
 ) -> ClientResult:
     def one_episode(support, query):
-        adapted = adapt(model, params, support, loop=hparams.loop, gradient=gradient)
-        return adapted, batch_loss(model, params, support), batch_loss(model, adapted, query), batch_accuracy(model, adapted, query)
+        oracle = gradient or alternating_gradient(model, (support, query))
+        adapted = adapt(model, params, support, loop=hparams.loop, gradient=oracle)
+        return adapted, batch_loss(model, params, support), batch_loss(model, adapted, support)
 
     with torch.no_grad():
-        adapted, support_loss, query_loss, query_acc = vmap(one_episode)(episodes["support"], episodes["query"])
+        adapted, loss_before, loss_after = vmap(one_episode)(episodes["support"], episodes["query"])
     return ClientResult(
         params=mean_over_leading(adapted),
-        metrics={
-            "train_loss": support_loss.mean(),
-            "query_loss": query_loss.mean(),
-            "query_accuracy": query_acc.mean(),
-        },
+        metrics={"train_loss": loss_before.mean(), "adapted_loss": loss_after.mean()},
     )
+
+
+def alternating_gradient(model: nn.Module, batches: tuple[dict, ...]) -> GradientFn:
+    """Inner step ``i`` takes the gradient on ``batches[i % len(batches)]``."""
+
+    def gradient(params, _batch, step):
+        batch = batches[step % len(batches)]
+        return torch.func.grad(lambda p: batch_loss(model, p, batch))(params)
+
+    return gradient
 
 
 ALGORITHM = Algorithm(

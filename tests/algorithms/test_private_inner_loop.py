@@ -7,7 +7,7 @@ import torch
 
 from common import tree
 from common.algorithms import get_algorithm
-from common.algorithms.inner import InnerLoop, adapt, index_episode
+from common.algorithms.inner import InnerLoop, adapt, index_episode, loss_gradient
 from common.algorithms.private import dp_gradient
 from common.privacy.clipping import draw_standard_noise
 
@@ -32,7 +32,9 @@ def test_dp_with_no_noise_and_no_clipping_equals_the_plain_update(name):
     algorithm = get_algorithm(name)
     hparams = algorithm.hparams(inner_steps=3, inner_lr=0.1, train_on_query=False)
     data = make_episodes(4, support=6)
-    plain = algorithm.client_update(model=model, params=params, episodes=data, hparams=hparams).params
+    # the non-private update on the same data (the support only, which DP uses)
+    plain = algorithm.client_update(model=model, params=params, episodes=data, hparams=hparams,
+                                    gradient=loss_gradient(model)).params
     private = algorithm.client_update(
         model=model, params=params, episodes=_with_noise(data, params, steps=3, expected=6), hparams=hparams,
         gradient=dp_gradient(model, clip_norm=math.inf, noise_multiplier=0.0),
