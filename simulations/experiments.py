@@ -125,7 +125,11 @@ def plan(config: Config, *, level: str, target_epsilon: float, num_sites: int) -
             episodes_per_round=config.episodes.episodes_per_round, inner_steps=max(1, config.algorithm.inner_steps),
             sample_rate=dp.sample_rate, expected_participations=participations, accountant=dp.accountant,
         )
-        steps = math.ceil(participations) * config.episodes.episodes_per_round
+        from common.privacy.accounting import episode_release
+
+        k = max(1, config.algorithm.inner_steps)
+        steps = [(episode_release(noise_multiplier=sigma, inner_steps=k), dp.sample_rate,
+                  math.ceil(participations) * config.episodes.episodes_per_round)]
         text = format_plan(level="record", accountant=dp.accountant, delta=dp.delta, noise_multiplier=sigma,
                            clip_norm=dp.clip_norm, sample_rate=dp.sample_rate, steps=steps,
                            target_epsilon=target_epsilon, inner_steps=config.algorithm.inner_steps)
@@ -138,7 +142,7 @@ def plan(config: Config, *, level: str, target_epsilon: float, num_sites: int) -
         sigma = plan_client_noise(target_epsilon=target_epsilon, delta=dp.delta, rounds=config.federation.rounds,
                                   sample_rate=q, accountant=dp.accountant)
         text = format_plan(level="client", accountant=dp.accountant, delta=dp.delta, noise_multiplier=sigma,
-                           clip_norm=dp.clip_norm, sample_rate=q, steps=config.federation.rounds,
+                           clip_norm=dp.clip_norm, sample_rate=q, steps=[(sigma, q, config.federation.rounds)],
                            target_epsilon=target_epsilon)
         return sigma, text
     raise ConfigError(f"privacy level must be 'record' or 'client'; got {level!r}")
