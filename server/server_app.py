@@ -81,11 +81,15 @@ def scalar_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+# The train loss shown in the progress line: the first of these a round reports.
+LOSS_KEYS = ("query_loss", "train_loss", "support_loss", "loss")
+
+
 def format_progress(line: dict[str, Any], total: int, *, eta: float | None) -> str:
     """One status line: round, sites, train loss, last meta-test accuracy, time."""
     r = line["round"]
     train = line.get("train", {})
-    loss = train.get("query_loss", train.get("support_loss"))
+    loss = next((train[k] for k in LOSS_KEYS if isinstance(train.get(k), float)), None)
     acc = line.get("last_meta_test_accuracy")
     parts = [
         f"round {r}/{total}",

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -27,11 +28,13 @@ def plot_run(history: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     written = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("query_loss", "query loss (after adaptation)"), ("support_loss", "support loss")):
+    keys = sorted({k for line in history for k in line.get("train", {}) if k == "loss" or k.endswith("_loss")})
+    for key in keys:  # whatever losses the algorithm reports (train_loss, adapted_loss, query_loss, ...)
         pts = [(line["round"], line["train"][key]) for line in history if key in line.get("train", {})]
         if pts:
-            ax.plot(*zip(*pts), marker=".", label=label)
+            ax.plot(*zip(*pts), marker=".", label=key.replace("_", " "))
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("train loss (sampled sites)")
     ax.set_title("Training")
     ax.grid(alpha=0.3)
@@ -58,6 +61,7 @@ def plot_run(history: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     if fed:
         ax.plot(*zip(*fed), marker="s", label="federated evaluation")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy")
     ax.set_title("Meta-test (adapt on support, score query)")
     ax.grid(alpha=0.3)
