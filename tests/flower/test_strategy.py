@@ -361,3 +361,24 @@ def test_client_dp_noise_is_reproducible_per_round():
 
 def tree_norm(a, b):
     return torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
+
+
+def test_fewer_nodes_than_sites_go_on_after_a_grace_period(caplog):
+    config = make_config(**{"federation.sites_per_round": 2})
+    strategy, grid = make_strategy(config, num_nodes=2)
+    strategy.expected_nodes = 5  # the server sees 5 site directories, 2 nodes run
+    strategy.node_grace = 0.3
+    with caplog.at_level("WARNING"):
+        sent = send(strategy, grid, 1)
+    assert len(sent) == 2
+    assert "2 of 5 expected sites connected" in caplog.text
+    strategy.node_grace = 100.0  # later rounds do not wait for the missing sites again
+    assert len(send(strategy, grid, 2)) == 2
+
+
+def test_too_few_nodes_time_out_with_advice():
+    config = make_config(**{"federation.min_sites": 3})
+    strategy, grid = make_strategy(config, num_nodes=2)
+    strategy.discovery_timeout, strategy.node_grace = 0.3, 0.1
+    with pytest.raises(TimeoutError, match="num-supernodes=3"):
+        send(strategy, grid, 1)
