@@ -353,9 +353,9 @@ class MetaStrategy(FedAvg):
             expected_sampled=expected_count(self.config, rec.get("sites_available", 0)),
         )
         self.state.aggregator_state = self.aggregator.state_dict()
-        report = self.aggregator.report() if hasattr(self.aggregator, "report") else None
+        report = getattr(self.aggregator, "last", None)
         if report:
-            rec["privacy"] = report
+            rec["privacy"] = dict(report)
         train_metrics = _weighted_metrics([(n, m) for _, _, n, m in updates])
         if any("epsilon" in m for _, _, _, m in updates):  # record-level DP: the worst site's budget
             train_metrics["epsilon_max"] = max(m["epsilon"] for _, _, _, m in updates if "epsilon" in m)

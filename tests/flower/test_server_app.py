@@ -144,6 +144,6 @@ def test_client_level_dp_run_reports_cumulative_epsilon(config, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     eps = [line["privacy"]["client_epsilon"] for line in lines]
     assert 0 < eps[0] < eps[1] < float("inf")
-    assert all(line["privacy"]["sample_rate"] == 0.6 for line in lines)
+    assert all(line["privacy"]["client_sample_rate"] == 0.6 for line in lines)
     state, _ = checkpoint.load_latest(tmp_path / "run")
-    assert state.aggregator_state["rounds"] == 2
+    assert sum(count for _, _, count in state.aggregator_state["accountant"]["history"]) == 2
