@@ -25,6 +25,7 @@ node which site it serves (a ``query`` message) and samples over site ids.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -357,8 +358,10 @@ class MetaStrategy(FedAvg):
         if report:
             rec["privacy"] = dict(report)
         train_metrics = _weighted_metrics([(n, m) for _, _, n, m in updates])
-        if any("epsilon" in m for _, _, _, m in updates):  # record-level DP: the worst site's budget
-            train_metrics["epsilon_max"] = max(m["epsilon"] for _, _, _, m in updates if "epsilon" in m)
+        site_epsilons = sorted(m["epsilon"] for _, _, _, m in updates if "epsilon" in m)
+        if site_epsilons:  # record-level DP: the worst site's budget, and the typical one
+            train_metrics["epsilon_max"] = site_epsilons[-1]
+            train_metrics["epsilon_median"] = float(statistics.median(site_epsilons))
         train_metrics["episodes"] = float(sum(weights))
         if delta is not None:
             new_params, new_opt = server_opt.apply(

@@ -121,6 +121,7 @@ def test_record_level_dp_reports_epsilon_and_a_site_past_its_budget_refuses(conf
     assert line["sites_replied"] == 3
     eps = line["train"]["epsilon_max"]
     assert eps > 0 and line["train"]["epsilon"] <= eps
+    assert 0 < line["train"]["epsilon_median"] <= eps
     assert len(list(ledger.glob("*.json"))) == 3  # one ledger per site
 
     # Another run against the same ledgers, with a budget the next round would exceed.
