@@ -46,8 +46,9 @@ def run_one(config: Config, *, name: str, output_dir: Path) -> Path:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from simulations.plots import read_metrics as read_jsonl
+
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def final_meta_test(run_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,52 @@
+"""Planning the noise of a privacy experiment from a config (what privacy-sweep and plan-privacy do)."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.config import load
+from common.privacy.accounting import compute_epsilon, episode_release
+from simulations.experiments import expected_participations, plan, private_config
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPARE = ROOT / "simulations" / "configs" / "compare.yaml"
+
+
+def test_record_plan_reaches_the_target_for_the_expected_participation():
+    config = load(COMPARE)
+    sigma, text = plan(config, level="record", target_epsilon=4.0, num_sites=30)
+    participations = math.ceil(expected_participations(config, 30))
+    k = config.algorithm.inner_steps
+    steps = [(episode_release(noise_multiplier=sigma, inner_steps=k), config.privacy.record.sample_rate,
+              participations * config.episodes.episodes_per_round)]
+    eps = compute_epsilon(steps=steps, delta=config.privacy.record.delta, accountant="rdp")
+    assert 3.9 <= eps <= 4.0
+    assert "record-level" in text and f"{sigma:.3f}"[:4] in text
+
+
+def test_client_plan_needs_poisson_rate_and_reaches_the_target():
+    config = load(COMPARE, overrides=["federation.fraction=0.2", "federation.poisson=true"])
+    sigma, _ = plan(config, level="client", target_epsilon=2.0, num_sites=30)
+    eps = compute_epsilon(steps=[(sigma, 0.2, config.federation.rounds)], delta=1e-5, accountant="rdp")
+    assert 1.95 <= eps <= 2.0
+    with pytest.raises(ValueError, match="federation.fraction"):
+        plan(load(COMPARE), level="client", target_epsilon=2.0, num_sites=30)
+
+
+def test_private_config_caps_each_site_at_the_target(tmp_path):
+    config = private_config(load(COMPARE), level="record", target_epsilon=8.0, num_sites=30, ledger_dir=tmp_path)
+    rec = config.privacy.record
+    assert rec.enabled and rec.max_epsilon == 8.0 and rec.noise_multiplier > 0 and rec.ledger_dir == str(tmp_path)
+
+
+def test_plan_privacy_command_prints_the_plan():
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "metafed"), "plan-privacy", "--config", str(COMPARE),
+         "--target-epsilon", "4", "--level", "record"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "noise multiplier sigma" in done.stdout and "delta = 1e-05" in done.stdout
