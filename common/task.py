@@ -145,7 +145,8 @@ class Task:
         manifest = path / "manifest.yaml"
         key = f"{path}:{manifest.stat().st_mtime_ns if manifest.exists() else 0}"
         if key not in self._sites:
-            needed = self.config.episodes.shots + self.config.episodes.query_shots
+            episodes = self.config.episodes
+            needed = max(episodes.shots, episodes.effective_train_shots) + episodes.query_shots
             self._sites[key] = load_site(path, schema=self.schema, min_records_per_class=0)
             self._check_site_can_serve(self._sites[key], needed)
         return self._sites[key]
@@ -153,15 +154,12 @@ class Task:
     def _check_site_can_serve(self, site, needed: int) -> None:
         from common.data import SiteDataError
 
-        counts = site.records_per_class()
-        eligible = sum(1 for c in counts.values() if c >= needed) if isinstance(counts, Mapping) else sum(
-            1 for c in counts if c >= needed
-        )
+        eligible = int((site.records_per_class() >= needed).sum())
         ways = self.config.episodes.ways
         if eligible < ways:
             raise SiteDataError(
                 f"{site.site_dir}: only {eligible} classes have the {needed} records an episode needs "
-                f"({self.config.episodes.shots} shots + {self.config.episodes.query_shots} query) but "
+                f"(shots + query_shots) but "
                 f"episodes.ways={ways}; add records, or lower episodes.ways / shots / query_shots"
             )
 
