@@ -214,16 +214,20 @@ def stop_processes_with(markers: list[str]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> None:
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float, allow_exit: bool = False) -> bool:
+    """True once the SuperLink answers; False if it exited and ``allow_exit``."""
     import urllib.request
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, f"flower-superlink exited with code {proc.returncode}"
+        if proc.poll() is not None:
+            if allow_exit:
+                return False
+            pytest.fail(f"flower-superlink exited with code {proc.returncode}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
                 if response.status == 200:
-                    return
+                    return True
         except OSError:
             pass
         time.sleep(0.5)
@@ -240,31 +244,37 @@ def test_flwr_run_reaches_the_same_model(run_s, smoke_data, tmp_path):
     ``flwr run`` exits 0 even when the run fails: the run's status is read
     with ``flwr list``.
     """
-    http_port, control_port = free_port(), free_port()
     home = tmp_path / "flwr-home"
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # nothing to install, no registry
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "RAY_TMPDIR": ray_tmpdir(),
-    }
     flwr = str(BIN / "flwr")
     out = tmp_path / "runs"
     run_config = f'config-file="{SMOKE}" data.root="{smoke_data}" output_dir="{out}"'
-    markers = [f"127.0.0.1:{control_port}", f"127.0.0.1:{http_port}"]
     (home / "local-superlink").mkdir(parents=True)
-    superlink = subprocess.Popen(
-        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-         "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1", "--port", str(http_port),
-         "--database", str(home / "local-superlink" / "state.db"),
-         "--log-file", str(home / "local-superlink" / "superlink.log")],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    ray_dir = ray_tmpdir()
+    markers: list[str] = []
+    # A port picked free can be taken before the SuperLink binds it (it then exits
+    # with code 3): try again on fresh ports.
+    for attempt in range(3):
+        http_port, control_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "FLWR_HOME": str(home),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # nothing to install, no registry
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "RAY_TMPDIR": ray_dir,
+        }
+        markers += [f"127.0.0.1:{control_port}", f"127.0.0.1:{http_port}"]
+        superlink = subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+             "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1", "--port", str(http_port),
+             "--database", str(home / "local-superlink" / "state.db"),
+             "--log-file", str(home / "local-superlink" / "superlink.log")],
+            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        if wait_healthy(http_port, superlink, timeout=90, allow_exit=attempt < 2):
+            break
     try:
-        wait_healthy(http_port, superlink, timeout=90)
         started = subprocess.run(
             [flwr, "run", ".", "local", "--run-config", run_config,
              "--federation-config", "num-supernodes=3 client-resources-num-cpus=1", "--format", "json"],
