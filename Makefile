@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/metafed simulate --config simulations/configs/default.yaml
 
 test: setup
-	$(BIN)/python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 bench: setup
 	$(BIN)/python -m simulations.bench_inner_loop

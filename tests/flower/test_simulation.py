@@ -223,7 +223,9 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float, allow_exit: 
         if proc.poll() is not None:
             if allow_exit:
                 return False
-            pytest.fail(f"flower-superlink exited with code {proc.returncode}")
+            errors = sorted(Path(proc.args[proc.args.index("--log-file") + 1]).parents[1].glob("superlink-*.err"))
+            tail = errors[-1].read_text()[-3000:] if errors else ""
+            pytest.fail(f"flower-superlink exited with code {proc.returncode}:\n{tail}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
                 if response.status == 200:
@@ -257,6 +259,8 @@ def test_flwr_run_reaches_the_same_model(run_s, smoke_data, tmp_path):
         http_port, control_port = free_port(), free_port()
         env = {
             **os.environ,
+            # The SuperLink starts its SuperExec by name: this environment's commands come first.
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "FLWR_HOME": str(home),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
             "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
@@ -270,7 +274,8 @@ def test_flwr_run_reaches_the_same_model(run_s, smoke_data, tmp_path):
              "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1", "--port", str(http_port),
              "--database", str(home / "local-superlink" / "state.db"),
              "--log-file", str(home / "local-superlink" / "superlink.log")],
-            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(home / f"superlink-{attempt}.err", "wb"),
+            start_new_session=True,
         )
         if wait_healthy(http_port, superlink, timeout=90, allow_exit=attempt < 2):
             break
