@@ -119,6 +119,18 @@ def _shape_error(spec: ModalitySpec, expected: str) -> ValueError:
     )
 
 
+def _stack2d(*, spec: ModalitySpec, layout: str, hidden: int, groups: int, downsample: str,
+             num_blocks: int) -> nn.Sequential:
+    """Checks a [C, *, *] spec and builds ``num_blocks`` 2-D conv blocks for it."""
+    _check_downsample(downsample)
+    if len(spec.shape) != 3 or min(spec.shape) < 1:
+        raise _shape_error(spec, layout)
+    _check_groups(channels=hidden, groups=groups, what=f"modality '{spec.name}'")
+    return nn.Sequential(
+        *[_block2d(spec.shape[0] if i == 0 else hidden, hidden, groups, downsample) for i in range(num_blocks)]
+    )
+
+
 class ImageEncoder(nn.Module):
     """4 x [conv3x3, GroupNorm, ReLU, halve] + linear: Finn et al. 2017's network.
 
@@ -132,14 +144,9 @@ class ImageEncoder(nn.Module):
         self, *, spec: ModalitySpec, hidden: int, embed_dim: int, groups: int, downsample: str = "stride"
     ) -> None:
         super().__init__()
-        _check_downsample(downsample)
-        if len(spec.shape) != 3 or min(spec.shape) < 1:
-            raise _shape_error(spec, "[C, H, W]")
-        _check_groups(channels=hidden, groups=groups, what=f"modality '{spec.name}'")
-        channels, height, width = spec.shape
-        self.features = nn.Sequential(
-            *[_block2d(channels if i == 0 else hidden, hidden, groups, downsample) for i in range(self.num_blocks)]
-        )
+        self.features = _stack2d(spec=spec, layout="[C, H, W]", hidden=hidden, groups=groups,
+                                 downsample=downsample, num_blocks=self.num_blocks)
+        _channels, height, width = spec.shape
         flat = hidden * _pooled(height, self.num_blocks) * _pooled(width, self.num_blocks)
         self.project = _projection(flat, embed_dim)
 
@@ -162,14 +169,9 @@ class SpectrogramEncoder(nn.Module):
         self, *, spec: ModalitySpec, hidden: int, embed_dim: int, groups: int, downsample: str = "stride"
     ) -> None:
         super().__init__()
-        _check_downsample(downsample)
-        if len(spec.shape) != 3 or min(spec.shape) < 1:
-            raise _shape_error(spec, "[C, F, T]")
-        _check_groups(channels=hidden, groups=groups, what=f"modality '{spec.name}'")
-        channels, freqs, _time = spec.shape
-        self.features = nn.Sequential(
-            *[_block2d(channels if i == 0 else hidden, hidden, groups, downsample) for i in range(self.num_blocks)]
-        )
+        self.features = _stack2d(spec=spec, layout="[C, F, T]", hidden=hidden, groups=groups,
+                                 downsample=downsample, num_blocks=self.num_blocks)
+        _channels, freqs, _time = spec.shape
         self.project = _projection(hidden * _pooled(freqs, self.num_blocks), embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
