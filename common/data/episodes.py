@@ -2,9 +2,10 @@
 
 ``sample_episodes`` draws standard N-way K-shot episodes (support and query
 disjoint, labels relabelled ``0..ways-1`` in a random class order).
-``sample_poisson_episodes`` draws episodes whose support set is a Poisson
-sample of the site's records, the sampling that record-level differential
-privacy accounting (amplification by subsampling) assumes.
+``sample_poisson_episodes`` draws episodes whose support set (and, as an
+option, query set) is a Poisson sample of the site's records, the sampling
+that record-level differential privacy accounting (amplification by
+subsampling) assumes.
 
 Both return a meta-batch: every tensor has a leading episode axis ``E``, and
 every modality of the experiment's schema is present (zeros with mask False
@@ -185,6 +186,7 @@ def sample_poisson_episodes(
     generator: torch.Generator,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    query_sample_rate: float | None = None,
 ) -> tuple[dict, dict]:
     """Episodes whose support set is a Poisson sample of the site's records (for record-level DP).
 
@@ -217,14 +219,29 @@ def sample_poisson_episodes(
     not covered: an algorithm that trains on query records must privatize
     them separately (Reptile trains on the support only).
 
+    With ``query_sample_rate`` set (algorithms whose update releases a
+    query-set gradient: FOMAML, Meta-SGD), the query is a Poisson sample too
+    and ``query_shots`` is not used: after (1), every record of the chosen
+    classes joins the support by one coin (rate ``sample_rate``) and the query
+    by another, independent coin (rate ``query_sample_rate``). The two samples
+    are independent, so a record may land in both; each is exactly a Poisson
+    subsample of the chosen classes' records (a pool fixed by the
+    data-independent class choice), so amplification holds for each release
+    separately and the accountant composes the two. The query is padded like
+    the support (to ``max(1, largest query)``, weight 0).
+
     Returns ``(batch, info)``: ``batch`` is ``{"support", "query"}`` as in
-    :func:`sample_episodes` (support ``[E, L]``, query ``[E, ways*query_shots]``);
-    ``info`` holds ``expected_support_size`` (``sample_rate`` times the number
-    of candidates, per episode, dtype ``dtype``) and ``support_size`` (actual
-    sizes, int64), both ``[E]``.
+    :func:`sample_episodes` (support ``[E, L]``, query ``[E, ways*query_shots]``,
+    or ``[E, L_q]`` when the query is Poisson-sampled); ``info`` holds
+    ``expected_support_size`` (``sample_rate`` times the number of candidates,
+    per episode, dtype ``dtype``) and ``support_size`` (actual sizes, int64),
+    both ``[E]``, and with a Poisson query also ``expected_query_size`` and
+    ``query_size``.
     """
     if not 0.0 <= sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
+    if query_sample_rate is not None and not 0.0 <= query_sample_rate <= 1.0:
+        raise ValueError(f"query_sample_rate must be in [0, 1] (or None), got {query_sample_rate}")
     if ways < 1 or query_shots < 0 or num_episodes < 1:
         raise ValueError(
             f"need ways >= 1, query_shots >= 0 and num_episodes >= 1; got ways={ways}, "
@@ -248,6 +265,35 @@ def sample_poisson_episodes(
     order = _randperm_rows((e, ways, width), n_c, generator)
     records = table[chosen[..., None], order]  # [E, ways, width], valid where position < n_c
     pos = np.arange(width)
+    flat_records = records.reshape(e, ways * width)
+    flat_labels = np.broadcast_to(np.arange(ways)[None, :, None], (e, ways, width)).reshape(e, ways * width)
+
+    def poisson_part(candidate: np.ndarray, rate: float) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Every candidate record with its own coin at ``rate``; padded batch, sizes, candidate counts."""
+        coins = torch.rand((e, ways, width), generator=generator, dtype=torch.float64).numpy() < rate
+        included = (candidate & coins).reshape(e, ways * width)
+        sizes = included.sum(axis=1)
+        length = max(1, int(sizes.max()))
+        first = np.argsort(~included, axis=1, kind="stable")[:, :length]  # included records first, in order
+        idx = np.take_along_axis(flat_records, first, axis=1)
+        valid = np.arange(length)[None, :] < sizes[:, None]
+        labels = np.take_along_axis(flat_labels, first, axis=1)
+        batch = _gather(site, schema, idx, valid, labels, device=device, dtype=dtype)
+        return batch, sizes, candidate.reshape(e, -1).sum(axis=1)
+
+    if query_sample_rate is not None:
+        # Support and query: independent Poisson samples of all records of the chosen classes.
+        candidate = np.broadcast_to(pos[None, None, :] < n_c[..., None], (e, ways, width))
+        support, sizes, candidates = poisson_part(candidate, sample_rate)
+        query, q_sizes, q_candidates = poisson_part(candidate, query_sample_rate)
+        info = {
+            "expected_support_size": torch.as_tensor(sample_rate * candidates, dtype=dtype, device=device),
+            "support_size": torch.as_tensor(sizes, dtype=torch.int64, device=device),
+            "expected_query_size": torch.as_tensor(query_sample_rate * q_candidates, dtype=dtype, device=device),
+            "query_size": torch.as_tensor(q_sizes, dtype=torch.int64, device=device),
+        }
+        return {"support": support, "query": query}, info
+
     # Query: the first query_shots positions of each class's random order.
     q_idx = records[..., :query_shots] if query_shots <= width else np.pad(
         records, ((0, 0), (0, 0), (0, query_shots - width))
@@ -265,18 +311,7 @@ def sample_poisson_episodes(
     )
     # Support: every remaining record of the chosen classes, each with its own coin.
     candidate = (pos[None, None, :] >= query_shots) & (pos[None, None, :] < n_c[..., None])
-    coins = torch.rand((e, ways, width), generator=generator, dtype=torch.float64).numpy() < sample_rate
-    included = (candidate & coins).reshape(e, ways * width)
-    flat_records = records.reshape(e, ways * width)
-    flat_labels = np.broadcast_to(np.arange(ways)[None, :, None], (e, ways, width)).reshape(e, ways * width)
-    sizes = included.sum(axis=1)
-    length = max(1, int(sizes.max()))
-    first = np.argsort(~included, axis=1, kind="stable")[:, :length]  # included records first, in order
-    s_idx = np.take_along_axis(flat_records, first, axis=1)
-    s_valid = np.arange(length)[None, :] < sizes[:, None]
-    s_labels = np.take_along_axis(flat_labels, first, axis=1)
-    support = _gather(site, schema, s_idx, s_valid, s_labels, device=device, dtype=dtype)
-    candidates = candidate.reshape(e, -1).sum(axis=1)
+    support, sizes, candidates = poisson_part(candidate, sample_rate)
     info = {
         "expected_support_size": torch.as_tensor(sample_rate * candidates, dtype=dtype, device=device),
         "support_size": torch.as_tensor(sizes, dtype=torch.int64, device=device),

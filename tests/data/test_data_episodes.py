@@ -242,3 +242,49 @@ def test_poisson_determinism(tmp_path):
     (a, ia), (b, ib) = _poisson(site, seed=9), _poisson(site, seed=9)
     assert torch.equal(a["support"]["inputs"]["ident"], b["support"]["inputs"]["ident"])
     assert torch.equal(ia["support_size"], ib["support_size"])
+
+
+def test_poisson_query_is_an_independent_poisson_sample(tmp_path):
+    """With query_sample_rate the query is its own Poisson sample of the chosen classes' records."""
+    counts = (10, 10, 10, 10, 10)
+    site = _site(tmp_path, counts=counts)
+    rate, q_rate, e = 0.3, 0.2, 2000
+    batch, info = _poisson(site, sample_rate=rate, query_sample_rate=q_rate, num_episodes=e, seed=5)
+    n = sum(counts)
+    in_support = np.zeros((e, n), dtype=bool)
+    in_query = np.zeros((e, n), dtype=bool)
+    for part, seen in (("support", in_support), ("query", in_query)):
+        ids, real = _ids(batch[part]), batch[part]["weights"].numpy() > 0
+        for i in range(e):
+            seen[i, ids[i][real[i]]] = True
+        # padding at the end, with weight 0, label 0 and no modality present
+        pad = batch[part]["weights"] == 0
+        size = info[f"{part}_size"]
+        assert torch.equal(pad, torch.arange(pad.shape[1])[None, :] >= size[:, None])
+        assert (batch[part]["labels"][pad] == 0).all()
+        assert not any(m[pad].any() for m in batch[part]["masks"].values())
+    # all 5 classes are chosen (ways = 5): every record is a candidate of both samples
+    assert np.all(np.abs(in_support.mean(0) - rate) < 0.05)
+    assert np.all(np.abs(in_query.mean(0) - q_rate) < 0.05)
+    # independent of each other: a record lands in both at rate q * q_query
+    assert abs((in_support & in_query).mean() - rate * q_rate) < 0.01
+    assert torch.allclose(info["expected_support_size"], torch.full((e,), rate * n))
+    assert torch.allclose(info["expected_query_size"], torch.full((e,), q_rate * n))
+    assert abs(info["query_size"].float().mean().item() - q_rate * n) < 0.3
+
+
+def test_poisson_query_is_restricted_to_the_episode_classes(tmp_path):
+    site = _site(tmp_path)  # 7 classes, c6 with 2 records
+    batch, info = _poisson(site, ways=3, sample_rate=0.5, query_sample_rate=0.5, num_episodes=50, seed=6)
+    counts = site.records_per_class()
+    for part in ("support", "query"):
+        ids, real = _ids(batch[part]), batch[part]["weights"].numpy() > 0
+        labels = batch[part]["labels"].numpy()
+        for i in range(50):
+            classes = site.labels[ids[i][real[i]]]
+            # each episode label maps to one site class, and there are at most 3 of them
+            pairs = set(zip(labels[i][real[i]].tolist(), classes.tolist()))
+            assert len({c for _, c in pairs}) == len(pairs) <= 3
+    # the expected size counts the records of the chosen classes (never more than 3 classes' worth)
+    assert (info["expected_query_size"] <= 0.5 * np.sort(counts)[-3:].sum() + 1e-9).all()
+    assert torch.equal(info["expected_query_size"], info["expected_support_size"])
