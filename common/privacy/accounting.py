@@ -107,6 +107,21 @@ def _append(history: list[Step], step: Step) -> None:
         history.append((sigma, q, count))
 
 
+def _grouped(history: Sequence[Step]) -> list[Step]:
+    """Equal ``(sigma, q)`` releases anywhere in the history as one entry with their total count.
+
+    Composition does not depend on the order of the releases (RDP and PRV both
+    add up), so this leaves epsilon unchanged; it keeps the cost of an epsilon
+    constant when two kinds of release alternate (a support and a query
+    release per episode), where Opacus's merge rule, which only extends the
+    last entry, would let the history grow by two entries every round.
+    """
+    totals: dict[tuple[float, float], int] = {}
+    for sigma, q, count in history:
+        totals[(sigma, q)] = totals.get((sigma, q), 0) + count
+    return [(sigma, q, count) for (sigma, q), count in totals.items()]
+
+
 class PrivacyAccountant:
     """Cumulative (epsilon, delta) accounting over Poisson-subsampled Gaussian releases.
 
@@ -196,7 +211,7 @@ class PrivacyAccountant:
         if any(sigma == 0.0 for sigma, _, _ in history):
             return math.inf  # a release without noise has no (finite) privacy guarantee
         acc = _new_opacus(kind)
-        acc.history = list(history)
+        acc.history = _grouped(history)
         # PRV at q = 1 takes log(0) on part of its grid (harmless, result is finite).
         with np.errstate(divide="ignore"):
             return float(acc.get_epsilon(delta=delta))
