@@ -101,10 +101,41 @@ def adapt(
     ``loop.inner_lr``. Differentiable in ``params`` (and the rates) unless
     ``loop.first_order``. Works unchanged under ``torch.func.vmap``.
     """
+    adapted, _ = _inner_loop(model, params, support, loop=loop, learning_rates=learning_rates,
+                             gradient=gradient, keep_directions=False)
+    return adapted
+
+
+def adapt_directions(
+    model: nn.Module,
+    params: Tree,
+    support: Batch,
+    *,
+    loop: InnerLoop,
+    learning_rates: Tree | None = None,
+    gradient: GradientFn | None = None,
+) -> Tree:
+    """The sum ``D`` of the inner loop's step directions: ``adapt(...) = params - rates * D``.
+
+    A step direction is the gradient the oracle returned (after Adam's
+    per-coordinate scaling with ``loop.optimizer="adam"``), so with a fixed
+    rate per parameter the ``k`` steps add up to one step of ``rates * D``.
+    Under ``loop.first_order`` the directions do not depend on ``params``
+    through autograd (each gradient is detached), and ``D`` is a constant:
+    the adapted weights are then ``params - rates * D`` as a function of the
+    params and the rates (FOMAML; first-order Meta-SGD).
+    """
+    _, directions = _inner_loop(model, params, support, loop=loop, learning_rates=learning_rates,
+                                gradient=gradient, keep_directions=True)
+    return directions
+
+
+def _inner_loop(model, params, support, *, loop, learning_rates, gradient, keep_directions):
     gradient = gradient or loss_gradient(model)
     adapted = dict(params)
     rates = learning_rates or {k: loop.inner_lr for k in adapted}
     second_moment = {k: torch.zeros_like(v) for k, v in adapted.items()} if loop.optimizer == "adam" else None
+    directions = {k: torch.zeros_like(v) for k, v in adapted.items()} if keep_directions else None
     for step in range(loop.inner_steps):
         grads = gradient(adapted, support, step)
         if loop.first_order:
@@ -114,7 +145,9 @@ def adapt(
             correction = 1.0 - loop.beta2 ** (step + 1)
             grads = {k: grads[k] / (torch.sqrt(second_moment[k] / correction) + loop.eps) for k in grads}
         adapted = {k: adapted[k] - rates[k] * grads[k] for k in adapted}
-    return adapted
+        if directions is not None:
+            directions = {k: directions[k] + grads[k] for k in directions}
+    return adapted, directions
 
 
 def merge_support_query(episode: Mapping[str, Batch]) -> Batch:

@@ -11,9 +11,18 @@ meta-gradient of its episodes and replies with the result, so the server's
 
 Meta-SGD reuses this with learned per-parameter inner rates
 (:mod:`common.algorithms.metasgd`).
+
+Under record-level DP the site passes ``meta_gradient``
+(:func:`common.algorithms.private.dp_meta_gradient`): each episode's
+meta-gradient is then the noised, clipped query release at the first-order
+adapted weights, and the site's meta-steps are taken on those released values
+exactly as here. Second-order MAML cannot be privatized that way (the
+argument is in that function's docstring) and is refused by the config.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +38,9 @@ from common.algorithms.inner import (
     model_part,
 )
 from common.tree import Tree, mean_over_leading
+
+if TYPE_CHECKING:
+    from common.algorithms.private import MetaGradientFn
 
 
 def _split_episodes(episodes: dict, parts: int) -> list[dict]:
@@ -49,8 +61,17 @@ def episode_meta_loss(model, params, support, query, *, hparams, gradient=None):
     return batch_loss(model, adapted, query), batch_accuracy(model, adapted, query).detach()
 
 
-def meta_gradients(model, params, episodes, *, hparams, gradient=None):
-    """Per-episode meta-gradients (leading axis E), query losses and accuracies."""
+def meta_gradients(model, params, episodes, *, hparams, gradient=None, meta_gradient=None):
+    """Per-episode meta-gradients (leading axis E), query losses and accuracies.
+
+    ``meta_gradient`` replaces the exact meta-gradient of an episode (the DP
+    one, :func:`common.algorithms.private.dp_meta_gradient`); ``gradient``
+    is the inner loop's oracle either way.
+    """
+    if meta_gradient is not None:
+        return vmap(lambda s, q: meta_gradient(params, s, q, hparams.loop, gradient))(
+            episodes["support"], episodes["query"]
+        )
 
     def one(support, query):
         grad_fn = torch.func.grad_and_value(
@@ -70,11 +91,13 @@ def client_update(
     episodes: dict,
     hparams: ClientHParams,
     gradient: GradientFn | None = None,
+    meta_gradient: MetaGradientFn | None = None,
 ) -> ClientResult:
     current = dict(params)
     losses, accs = [], []
     for chunk in _split_episodes(episodes, hparams.local_meta_steps):
-        grads, loss, acc = meta_gradients(model, current, chunk, hparams=hparams, gradient=gradient)
+        grads, loss, acc = meta_gradients(model, current, chunk, hparams=hparams, gradient=gradient,
+                                          meta_gradient=meta_gradient)
         mean_grad = mean_over_leading(grads)
         current = {k: (current[k] - hparams.client_meta_lr * mean_grad[k]).detach() for k in current}
         losses.append(loss.detach())
