@@ -77,7 +77,8 @@ class AlgorithmConfig:
     # sgd | adam (beta1 = 0, as Reptile's inner loop); used at meta-test too.
     inner_optimizer: str = "sgd"
     eval_inner_steps: int = 10
-    # MAML-family: second-order unless this is set.
+    # MAML-family: second-order unless this is set. Under privacy.record Meta-SGD
+    # runs first-order and second-order MAML is refused (see common.algorithms.private).
     first_order: bool = False
     # MAML-family and Meta-SGD: a client takes this many local meta-steps of size
     # client_meta_lr on its episodes before it replies (FedMeta's client step).
@@ -371,11 +372,16 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"privacy.{level}.noise_multiplier must be >= 0")
         if not 0.0 < dp.delta < 1.0:
             raise ConfigError(f"privacy.{level}.delta must be in (0, 1); got {dp.delta}")
-    if rec.enabled and config.algorithm.name not in ("fedavg", "reptile"):
+    if rec.enabled and config.algorithm.name == "maml" and not config.algorithm.first_order:
+        # The second-order term differentiates through the support's clipped
+        # per-record gradients: one support record moves every query record's
+        # meta-gradient, and per-record clipping does not bound that.
         raise ConfigError(
-            f"privacy.record is implemented for fedavg and reptile, whose site update uses only "
-            f"support-set gradients; {config.algorithm.name} also releases a query-set gradient, "
-            "which this version does not privatize. Use algorithm.name=reptile (or fedavg)"
+            "privacy.record with second-order MAML cannot be privatized: its meta-gradient "
+            "differentiates through the support's clipped per-record gradients, whose influence the "
+            "clipping norm does not bound. Set algorithm.first_order: true (FOMAML; or "
+            "algorithm.name: fomaml), whose noised inner gradients are released values and whose "
+            "query gradient is clipped and noised per record"
         )
     if config.privacy.client.enabled and config.federation.fraction <= 0.0:
         raise ConfigError(

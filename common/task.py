@@ -201,12 +201,14 @@ class Task:
             )
         return settings
 
-    def hparams(self, settings: Mapping[str, Any], *, train_on_query: bool = True) -> ClientHParams:
+    def hparams(self, settings: Mapping[str, Any], *, train_on_query: bool = True,
+                first_order: bool = False) -> ClientHParams:
+        """The algorithm's hyperparameters for a round; ``first_order`` forces a first-order inner loop."""
         cfg = self.config.algorithm
         return self.algorithm.hparams(
             inner_steps=settings["inner_steps"],
             inner_lr=settings["inner_lr"],
-            first_order=cfg.first_order,
+            first_order=cfg.first_order or first_order,
             client_meta_lr=cfg.client_meta_lr,
             local_meta_steps=cfg.local_meta_steps,
             train_on_query=train_on_query,
@@ -250,17 +252,32 @@ class Task:
     def record_dp_steps(self, settings: Mapping[str, Any]) -> list:
         """The (sigma, q, count) releases one round at one site costs.
 
-        Each episode's support is a Poisson sample at rate q and is used for
-        ``inner_steps`` noisy gradients: one Gaussian release of
-        sigma/sqrt(inner_steps) per episode (see
-        :func:`common.privacy.accounting.record_level_round_steps`).
+        Per episode:
+
+        * support: a Poisson sample at rate q used for ``k = inner_steps``
+          noisy gradients, which compose to ONE Gaussian release at
+          ``(sigma / sqrt(k), q)`` (see
+          :func:`common.privacy.accounting.record_level_round_steps`);
+        * query, for algorithms whose update uses the query gradient (FOMAML,
+          Meta-SGD): the clipped, noised sum of per-query-record gradients at
+          the adapted weights is one more Gaussian release at ``(sigma, q)``
+          on the query's own Poisson sample, drawn independently of the
+          support. A record may be in both samples: the two releases compose
+          (RDP adds up; the adaptive choice of the adapted weights, which
+          depend on the support release, is covered by adaptive composition).
+
+        So a round of E episodes is ``[(sigma/sqrt(k), q, E)]`` plus, with the
+        query release, ``(sigma, q, E)``.
         """
         from common.privacy.accounting import record_level_round_steps
 
         rec = self.config.privacy.record
+        query = self.algorithm.uses_query_gradient
         return record_level_round_steps(
             episodes=settings["episodes"], inner_steps=max(1, settings["inner_steps"]),
             noise_multiplier=rec.noise_multiplier, sample_rate=rec.sample_rate,
+            query_release=query, query_sample_rate=rec.sample_rate if query else 1.0,
+            query_noise_multiplier=rec.noise_multiplier if query else None,
         )
 
     def ledger(self, site):
@@ -274,7 +291,16 @@ class Task:
         return PrivacyLedger.open(path, accountant=rec.accountant, delta=rec.delta)
 
     def _train_private(self, params, site, *, settings, round_config, generator) -> TrainResult:
-        from common.algorithms.private import dp_gradient
+        """DP-SGD on Poisson-sampled supports; for the MAML family also a private query release.
+
+        FOMAML and Meta-SGD (``uses_query_gradient``) draw each episode's query
+        as an independent Poisson sample at the same rate, run the inner loop
+        first-order (the noised inner gradients are released values) and take
+        their meta-steps on :func:`common.algorithms.private.dp_meta_gradient`:
+        per-query-record gradients at the adapted weights, clipped to C,
+        summed, noised with sigma*C and divided by the expected query size.
+        """
+        from common.algorithms.private import dp_gradient, dp_meta_gradient
         from common.data import sample_poisson_episodes
         from common.privacy.clipping import draw_standard_noise
 
@@ -288,10 +314,12 @@ class Task:
                 f"{eps_after:.4g} at delta={rec.delta:g}, past its privacy.record.max_epsilon="
                 f"{rec.max_epsilon:g}; it refuses to train (ledger: {ledger.path})"
             )
+        uses_query = self.algorithm.uses_query_gradient
         episodes, info = sample_poisson_episodes(
             site, schema=self.schema, ways=settings["ways"], sample_rate=rec.sample_rate,
             query_shots=settings["query_shots"], num_episodes=settings["episodes"],
             generator=generator, device=self.device, dtype=self.dtype,
+            query_sample_rate=rec.sample_rate if uses_query else None,
         )
         theta = tree.to(dict(params), device=self.device, dtype=self.dtype)
         inner_steps = settings["inner_steps"]
@@ -300,10 +328,18 @@ class Task:
         )
         episodes["support"]["dp_noise"] = tree.to(noise, device=self.device, dtype=self.dtype)
         episodes["support"]["dp_expected"] = info["expected_support_size"].to(device=self.device, dtype=self.dtype)
-        hparams = self.hparams(settings, train_on_query=False)
+        extra = {}
+        if uses_query:
+            # One draw per sent parameter (Meta-SGD's rates included) and episode, after the support's.
+            query_noise = draw_standard_noise(theta, generator=generator, leading_shape=(settings["episodes"],))
+            episodes["query"]["dp_noise"] = tree.to(query_noise, device=self.device, dtype=self.dtype)
+            episodes["query"]["dp_expected"] = info["expected_query_size"].to(device=self.device, dtype=self.dtype)
+            extra["meta_gradient"] = dp_meta_gradient(self.model, clip_norm=rec.clip_norm,
+                                                      noise_multiplier=rec.noise_multiplier)
+        hparams = self.hparams(settings, train_on_query=False, first_order=True)
         gradient = dp_gradient(self.model, clip_norm=rec.clip_norm, noise_multiplier=rec.noise_multiplier)
         result = self.algorithm.client_update(
-            model=self.model, params=theta, episodes=episodes, hparams=hparams, gradient=gradient
+            model=self.model, params=theta, episodes=episodes, hparams=hparams, gradient=gradient, **extra
         )
         epsilon = ledger.record(run_id=str(round_config.get("run_id", "")), round=int(round_config.get("round", 0)),
                                 steps=steps, max_epsilon=rec.max_epsilon)

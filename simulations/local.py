@@ -59,10 +59,16 @@ def train(config: Config, *, task: Task | None = None, log=print, ablate: bool =
                                    [res.num_episodes for res in results])
         params, opt_state = server_opt.apply(params, delta, opt_state, config=config.server_opt,
                                              round_index=r, total_rounds=fed.rounds)
-        train_loss = float(np.mean([res.metrics["train_loss"] for res in results]))
+        # A private site reports its epsilon instead of statistics of its records.
+        losses = [res.metrics["train_loss"] for res in results if "train_loss" in res.metrics]
+        train_loss = float(np.mean(losses)) if losses else float("nan")
         record = {"round": r + 1, "train_loss": train_loss, "elapsed": time.perf_counter() - start}
+        epsilons = [res.metrics["epsilon"] for res in results if "epsilon" in res.metrics]
+        if epsilons:
+            record["epsilon_max"] = max(epsilons)
         run.history.append(record)
-        log(f"round {r + 1}/{fed.rounds} train_loss={train_loss:.3f} elapsed={record['elapsed']:.1f}s")
+        privacy = f" epsilon_max={record['epsilon_max']:.3f}" if epsilons else ""
+        log(f"round {r + 1}/{fed.rounds} train_loss={train_loss:.3f}{privacy} elapsed={record['elapsed']:.1f}s")
     run.params = params
     run.meta_test = task.meta_test(params, test_sites, num_episodes=fed.eval_episodes,
                                    generator=torch.Generator().manual_seed(fed.seed + 1),

@@ -8,7 +8,7 @@ import torch
 from common import tree
 from common.config import load
 from common.data import ensure_benchmark
-from common.privacy.accounting import compute_epsilon
+from common.privacy.accounting import compute_epsilon, record_level_round_steps
 from common.task import PrivacyBudgetExceeded, Task
 
 
@@ -89,8 +89,87 @@ def test_private_update_moves_the_weights_and_is_reproducible(bench, tmp_path):
     assert not (site_dir / "privacy_ledger.json").exists()
 
 
-def test_record_dp_is_refused_for_query_gradient_algorithms(bench):
+def test_record_dp_refuses_second_order_maml_and_accepts_the_first_order_family(bench):
     from common.config import ConfigError
 
-    with pytest.raises(ConfigError, match="reptile"):
+    with pytest.raises(ConfigError, match="algorithm.first_order: true"):
         _config(bench, **{"algorithm.name": "maml"})
+    for accepted in ({"algorithm.name": "fomaml"}, {"algorithm.name": "metasgd"},
+                     {"algorithm.name": "maml", "algorithm.first_order": True}):
+        config = _config(bench, **accepted)
+        assert config.privacy.record.enabled and config.algorithm.name == accepted["algorithm.name"]
+    # without record-level DP second-order MAML is fine
+    assert _config(bench, **{"algorithm.name": "maml", "privacy.record.enabled": False}).algorithm.name == "maml"
+
+
+# --------------------------------------------------------------- FOMAML and Meta-SGD: the query release
+
+
+def test_fomaml_round_records_the_support_and_the_query_release(bench, tmp_path):
+    site_dir = _site_copy(bench, tmp_path)
+    task = Task(_config(bench, **{"algorithm.name": "fomaml"}))
+    params = task.initial_parameters(seed=0)
+    site = task.load_site(site_dir)
+    result = task.train_on_site(params, site, round_config={"round": 1}, generator=torch.Generator().manual_seed(0))
+    with_query = record_level_round_steps(episodes=2, inner_steps=2, noise_multiplier=1.5, sample_rate=0.5,
+                                          query_release=True, query_sample_rate=0.5, query_noise_multiplier=1.5)
+    support_only = record_level_round_steps(episodes=2, inner_steps=2, noise_multiplier=1.5, sample_rate=0.5)
+    ledger = task.ledger(site)
+    assert ledger.history == with_query == [(1.5 / math.sqrt(2), 0.5, 2), (1.5, 0.5, 2)]
+    assert [tuple(s) for s in ledger.entries[0]["steps"]] == with_query
+    eps = compute_epsilon(steps=with_query, delta=1e-5)
+    assert result.metrics["epsilon"] == pytest.approx(eps, rel=1e-9) and ledger.epsilon == result.metrics["epsilon"]
+    assert result.metrics["dp_steps"] == 4.0
+    assert eps > compute_epsilon(steps=support_only, delta=1e-5)
+    assert tree.max_abs_diff(result.params, params) > 0
+    # A budget that one round of support releases alone would fit is refused: the query counts too.
+    fresh = _site_copy(bench, tmp_path / "fresh")
+    budget = compute_epsilon(steps=support_only, delta=1e-5) * 1.01
+    strict = Task(_config(bench, **{"algorithm.name": "fomaml", "privacy.record.max_epsilon": budget}))
+    with pytest.raises(PrivacyBudgetExceeded, match="refuses to train"):
+        strict.train_on_site(params, strict.load_site(fresh), generator=torch.Generator().manual_seed(0))
+
+
+def test_metasgd_learning_rates_are_trained_under_record_dp(bench, tmp_path):
+    from common.algorithms.inner import LR_PREFIX
+
+    site_dir = _site_copy(bench, tmp_path)
+    task = Task(_config(bench, **{"algorithm.name": "metasgd", "privacy.record.noise_multiplier": 0.5}))
+    params = task.initial_parameters(seed=0)
+    result = task.train_on_site(params, task.load_site(site_dir), generator=torch.Generator().manual_seed(3))
+    rates = [k for k in params if k.startswith(LR_PREFIX)]
+    assert rates and all(float((result.params[k] - params[k]).abs().max()) > 0 for k in rates)
+    assert len(task.ledger(task.load_site(site_dir)).history) == 2  # support and query releases
+
+
+def test_fomaml_with_record_dp_trains_end_to_end(tmp_path):
+    """simulations.local.train on the smoke config: FOMAML with record-level DP moves the model, epsilon grows."""
+    import json
+    from pathlib import Path
+
+    from simulations.local import train
+
+    smoke = Path(__file__).resolve().parents[2] / "simulations" / "configs" / "smoke.yaml"
+    ledgers = tmp_path / "ledgers"
+    config = load(smoke, overrides={
+        "data.root": str(tmp_path / "data"), "algorithm.name": "fomaml", "federation.sites_per_round": 2,
+        "federation.eval_episodes": 3, "episodes.episodes_per_round": 2,
+        "privacy.record.enabled": True, "privacy.record.noise_multiplier": 1.0, "privacy.record.clip_norm": 1.0,
+        "privacy.record.sample_rate": 0.5, "privacy.record.ledger_dir": str(ledgers), "runtime.device": "cpu",
+    })
+    task = Task(config)
+    initial = task.initial_parameters(seed=config.federation.seed)
+    run = train(config, task=task, log=lambda _: None, ablate=False)
+    assert tree.max_abs_diff(run.params, initial) > 0
+    assert 0 < run.history[0]["epsilon_max"] < run.history[1]["epsilon_max"]
+    files = sorted(ledgers.glob("*.json"))
+    assert files
+    one_round = compute_epsilon(steps=record_level_round_steps(
+        episodes=2, inner_steps=config.algorithm.inner_steps, noise_multiplier=1.0, sample_rate=0.5,
+        query_release=True, query_sample_rate=0.5), delta=1e-5)
+    for path in files:
+        epsilons = [e["epsilon"] for e in json.loads(path.read_text())["entries"]]
+        assert epsilons[0] == pytest.approx(one_round, rel=1e-9)
+        assert all(b > a for a, b in zip(epsilons, epsilons[1:]))
+    assert max(len(json.loads(p.read_text())["entries"]) for p in files) == 2  # some site took part twice
+    assert 0.0 <= run.meta_test["accuracy"] <= 1.0
