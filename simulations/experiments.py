@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.config import Config, ConfigError
+from common.config import Config, ConfigError, validate
 
 ALGORITHMS = ("fedavg", "reptile", "fomaml", "maml", "metasgd")
 
@@ -117,23 +117,34 @@ def expected_participations(config: Config, num_sites: int) -> float:
 def plan(config: Config, *, level: str, target_epsilon: float, num_sites: int) -> tuple[float, str]:
     """Noise multiplier that reaches ``target_epsilon`` at the config's delta, and a readable summary."""
     from common.privacy.planner import format_plan, plan_client_noise, plan_noise_multiplier
+    from common.privacy.planner import participations as count_participations
 
     if level == "record":
+        from common.algorithms import get_algorithm
+        from common.privacy.accounting import record_level_round_steps
+
         dp = config.privacy.record
         participations = expected_participations(config, num_sites)
+        # FOMAML and Meta-SGD also release a noised query gradient per episode
+        # (its own Poisson sample at the same rate): sigma must cover both releases.
+        query = get_algorithm(config.algorithm.name).uses_query_gradient
+        k = max(1, config.algorithm.inner_steps)
         sigma = plan_noise_multiplier(
             target_epsilon=target_epsilon, delta=dp.delta,
-            episodes_per_round=config.episodes.episodes_per_round, inner_steps=max(1, config.algorithm.inner_steps),
+            episodes_per_round=config.episodes.episodes_per_round, inner_steps=k,
             sample_rate=dp.sample_rate, expected_participations=participations, accountant=dp.accountant,
+            query_release=query, query_sample_rate=dp.sample_rate,
         )
-        from common.privacy.accounting import episode_release
-
-        k = max(1, config.algorithm.inner_steps)
-        steps = [(episode_release(noise_multiplier=sigma, inner_steps=k), dp.sample_rate,
-                  math.ceil(participations) * config.episodes.episodes_per_round)]
+        steps = record_level_round_steps(
+            episodes=count_participations(expected_participations=participations)
+            * config.episodes.episodes_per_round, inner_steps=k,
+            noise_multiplier=sigma, sample_rate=dp.sample_rate,
+            query_release=query, query_sample_rate=dp.sample_rate,
+        )
         text = format_plan(level="record", accountant=dp.accountant, delta=dp.delta, noise_multiplier=sigma,
                            clip_norm=dp.clip_norm, sample_rate=dp.sample_rate, steps=steps,
-                           target_epsilon=target_epsilon, inner_steps=config.algorithm.inner_steps)
+                           target_epsilon=target_epsilon, inner_steps=config.algorithm.inner_steps,
+                           query_release=query)
         return sigma, text
     if level == "client":
         dp = config.privacy.client
@@ -150,21 +161,27 @@ def plan(config: Config, *, level: str, target_epsilon: float, num_sites: int) -
 
 
 def private_config(config: Config, *, level: str, target_epsilon: float, num_sites: int, ledger_dir: Path) -> Config:
+    def with_sigma(sigma: float) -> Config:
+        if level == "record":
+            record = dataclasses.replace(
+                config.privacy.record, enabled=True, noise_multiplier=sigma, target_epsilon=target_epsilon,
+                # A site that would pass the target (it was sampled more often than
+                # expected) refuses: no site ends above the epsilon reported.
+                max_epsilon=target_epsilon, ledger_dir=str(ledger_dir),
+            )
+            privacy = dataclasses.replace(config.privacy, record=record)
+        else:
+            client = dataclasses.replace(config.privacy.client, enabled=True, noise_multiplier=sigma,
+                                         target_epsilon=target_epsilon)
+            privacy = dataclasses.replace(config.privacy, client=client)
+        return dataclasses.replace(config, privacy=privacy)
+
+    # Checked like a loaded config before planning: e.g. second-order MAML is
+    # refused under record-level DP.
+    validate(with_sigma(0.0))
     sigma, text = plan(config, level=level, target_epsilon=target_epsilon, num_sites=num_sites)
     print(text, flush=True)
-    if level == "record":
-        record = dataclasses.replace(
-            config.privacy.record, enabled=True, noise_multiplier=sigma, target_epsilon=target_epsilon,
-            # A site that would pass the target (it was sampled more often than
-            # expected) refuses: no site ends above the epsilon reported.
-            max_epsilon=target_epsilon, ledger_dir=str(ledger_dir),
-        )
-        privacy = dataclasses.replace(config.privacy, record=record)
-    else:
-        client = dataclasses.replace(config.privacy.client, enabled=True, noise_multiplier=sigma,
-                                     target_epsilon=target_epsilon)
-        privacy = dataclasses.replace(config.privacy, client=client)
-    return dataclasses.replace(config, privacy=privacy)
+    return with_sigma(sigma)
 
 
 def _site_epsilons(ledger_dir: Path) -> dict[str, float]:

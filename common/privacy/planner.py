@@ -4,8 +4,11 @@ Record-level DP accounts each episode as ONE release at ``(sigma / sqrt(k), q)``
 (:func:`common.privacy.accounting.episode_release`), so planning finds the
 per-episode noise multiplier ``sigma'`` with Opacus's ``get_noise_multiplier``
 over ``participations * episodes_per_round`` steps and returns the per-inner-step
-``sigma = sigma' * sqrt(k)``. Client-level DP is one release per round at the
-site sampling rate ``q_c``.
+``sigma = sigma' * sqrt(k)``. Algorithms that also release a noised query
+gradient per episode (FOMAML, Meta-SGD: ``query_release``) add one release at
+``(sigma, q_query)`` per episode, and ``sigma`` is then found by a binary
+search over the composition of both kinds of release. Client-level DP is one
+release per round at the site sampling rate ``q_c``.
 
 Planning follows Opacus: the returned noise multiplier gives an epsilon in
 ``[target_epsilon - epsilon_tolerance, target_epsilon]`` (binary search,
@@ -182,7 +185,7 @@ def plan_noise_multiplier(
         sample_rate: Poisson rate ``q`` of each record into a support set.
         rounds / expected_participations: how many rounds the site takes part
             in (exactly one; see :func:`participations`).
-        query_release: FOMAML / MAML also release a noised query gradient per
+        query_release: FOMAML / Meta-SGD also release a noised query gradient per
             episode, at ``query_sample_rate`` and the same ``sigma``.
 
     Without a query release this is Opacus's ``get_noise_multiplier`` for
@@ -253,12 +256,15 @@ def format_plan(
     epsilon: float | None = None,
     target_epsilon: float | None = None,
     inner_steps: int | None = None,
+    query_release: bool = False,
 ) -> str:
     """A readable summary of a privacy plan, for the command line.
 
     ``steps`` is the whole run's step list (e.g. a round's
     :func:`~common.privacy.accounting.record_level_round_steps` times the
     participations); ``epsilon`` is computed from it when not given.
+    ``query_release`` says that each episode also releases a noised query
+    gradient (FOMAML, Meta-SGD).
     """
     steps = validate_steps(steps)
     if epsilon is None:
@@ -280,6 +286,11 @@ def format_plan(
         lines.append(
             f"  {inner_steps} inner steps per episode on one support sample: one release at "
             f"sigma/sqrt({inner_steps}) = {_num(noise_multiplier / math.sqrt(inner_steps))} per episode"
+        )
+    if query_release:
+        lines.append(
+            f"  plus one query-gradient release per episode at sigma = {_num(noise_multiplier)} on its own "
+            "Poisson sample (first-order meta-gradient, clipped per query record)"
         )
     total = sum(c for _, _, c in steps)
     lines.append(f"  releases: {total} in all")

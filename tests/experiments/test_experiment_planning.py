@@ -50,3 +50,42 @@ def test_plan_privacy_command_prints_the_plan():
     )
     assert done.returncode == 0, done.stderr
     assert "noise multiplier sigma" in done.stdout and "delta = 1e-05" in done.stdout
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the")
+def test_record_plan_for_fomaml_covers_the_query_release_and_reaches_the_target():
+    from common.privacy.accounting import record_level_round_steps
+    from common.privacy.planner import participations
+
+    # a small sample rate keeps Opacus's RDP evaluations (and so the search) fast
+    reptile = load(COMPARE, overrides=["privacy.record.sample_rate=0.05"])
+    fomaml = load(COMPARE, overrides=["algorithm.name=fomaml", "privacy.record.sample_rate=0.05"])
+    sigma_reptile, _ = plan(reptile, level="record", target_epsilon=4.0, num_sites=30)
+    sigma, text = plan(fomaml, level="record", target_epsilon=4.0, num_sites=30)
+    assert sigma > sigma_reptile
+    rec = fomaml.privacy.record
+    n = participations(expected_participations=expected_participations(fomaml, 30))
+    steps = record_level_round_steps(
+        episodes=n * fomaml.episodes.episodes_per_round, inner_steps=fomaml.algorithm.inner_steps,
+        noise_multiplier=sigma, sample_rate=rec.sample_rate, query_release=True, query_sample_rate=rec.sample_rate)
+    eps = compute_epsilon(steps=steps, delta=rec.delta, accountant="rdp")
+    assert 3.99 <= eps <= 4.0
+    assert "query-gradient release" in text and f"epsilon = {eps:.4g}" in text
+    # the reptile plan, spent by FOMAML's two releases per episode, would overshoot the target
+    under = record_level_round_steps(
+        episodes=n * fomaml.episodes.episodes_per_round, inner_steps=fomaml.algorithm.inner_steps,
+        noise_multiplier=sigma_reptile, sample_rate=rec.sample_rate, query_release=True,
+        query_sample_rate=rec.sample_rate)
+    assert compute_epsilon(steps=under, delta=rec.delta, accountant="rdp") > 4.0
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the")
+def test_private_config_refuses_second_order_maml_under_record_dp(tmp_path):
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="first_order"):
+        private_config(load(COMPARE, overrides=["algorithm.name=maml"]), level="record", target_epsilon=8.0,
+                       num_sites=30, ledger_dir=tmp_path)
+    config = private_config(load(COMPARE, overrides=["algorithm.name=metasgd", "privacy.record.sample_rate=0.05"]),
+                            level="record", target_epsilon=8.0, num_sites=30, ledger_dir=tmp_path)
+    assert config.privacy.record.enabled and config.algorithm.name == "metasgd"
