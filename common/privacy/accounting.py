@@ -302,7 +302,7 @@ def record_level_round_steps(
             (expected support size / the site's record count). Claim ``q < 1``
             only when the support really is Poisson-sampled: N-way K-shot
             sampling is not, and must be accounted at ``q = 1``.
-        query_release: FOMAML / MAML: the noised query-set gradient of each
+        query_release: FOMAML / Meta-SGD: the noised query-set gradient of each
             episode is one more release on the site's data.
         query_sample_rate: the query set's own sample rate (1.0 when it is a
             fixed-size sample, i.e. no amplification).
