@@ -7,6 +7,11 @@ prefixed ``inner_lr/``), start at the configured inner learning rate, are
 adapted with ``phi_k = theta_k - alpha_k * g_k`` and receive the meta-gradient
 ``dL_query/dalpha`` (not the weights' gradient), then travel and aggregate
 like any weight.
+
+Under record-level DP Meta-SGD runs first-order: the noised inner gradients
+are released values, their sum ``G`` is a constant, ``phi = theta - alpha * G``
+and the rates still receive ``-g_query * G`` through the clipped, noised
+query release (:func:`common.algorithms.private.dp_meta_gradient`).
 """
 
 from __future__ import annotations
