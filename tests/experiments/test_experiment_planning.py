@@ -9,16 +9,29 @@ import pytest
 
 from common.config import load
 from common.privacy.accounting import compute_epsilon, episode_release
-from simulations.experiments import expected_participations, plan, private_config
+from simulations.experiments import expected_participations, plan, planned_participations, private_config
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPARE = ROOT / "simulations" / "configs" / "compare.yaml"
 
 
-def test_record_plan_reaches_the_target_for_the_expected_participation():
+def test_planned_participations_is_the_binomial_quantile():
+    config = load(COMPARE, overrides=["federation.rounds=30", "federation.sites_per_round=10"])
+    # Binomial(30, 0.1): P(<= 4) = 0.825, P(<= 5) = 0.927
+    assert expected_participations(config, 100) == pytest.approx(3.0)
+    assert planned_participations(config, 100, coverage=0.8) == 4
+    assert planned_participations(config, 100, coverage=0.9) == 5
+    assert planned_participations(config, 100, coverage=1.0) == 30
+    assert planned_participations(config, 10, coverage=0.5) == 30  # every site, every round
+    with pytest.raises(ValueError, match="coverage"):
+        planned_participations(config, 100, coverage=0.0)
+
+
+def test_record_plan_reaches_the_target_for_the_planned_participation():
     config = load(COMPARE)
     sigma, text = plan(config, level="record", target_epsilon=4.0, num_sites=30)
-    participations = math.ceil(expected_participations(config, 30))
+    participations = planned_participations(config, 30)
+    assert participations > math.ceil(expected_participations(config, 30))
     k = config.algorithm.inner_steps
     steps = [(episode_release(noise_multiplier=sigma, inner_steps=k), config.privacy.record.sample_rate,
               participations * config.episodes.episodes_per_round)]
@@ -64,7 +77,7 @@ def test_record_plan_for_fomaml_covers_the_query_release_and_reaches_the_target(
     sigma, text = plan(fomaml, level="record", target_epsilon=4.0, num_sites=30)
     assert sigma > sigma_reptile
     rec = fomaml.privacy.record
-    n = participations(expected_participations=expected_participations(fomaml, 30))
+    n = planned_participations(fomaml, 30)
     steps = record_level_round_steps(
         episodes=n * fomaml.episodes.episodes_per_round, inner_steps=fomaml.algorithm.inner_steps,
         noise_multiplier=sigma, sample_rate=rec.sample_rate, query_release=True, query_sample_rate=rec.sample_rate)
