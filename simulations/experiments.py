@@ -178,6 +178,9 @@ def plan(config: Config, *, level: str, target_epsilon: float, num_sites: int) -
                            clip_norm=dp.clip_norm, sample_rate=dp.sample_rate, steps=steps,
                            target_epsilon=target_epsilon, inner_steps=config.algorithm.inner_steps,
                            query_release=query)
+        text += (f"\n  planned for {participations} rounds per site: a site is sampled that often or less "
+                 f"with probability {PARTICIPATION_COVERAGE:g} "
+                 f"({expected_participations(config, num_sites):.3g} on average)")
         return sigma, text
     if level == "client":
         dp = config.privacy.client
