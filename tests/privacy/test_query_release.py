@@ -22,24 +22,12 @@ from common.algorithms.private import (
 )
 from common.privacy.accounting import compute_epsilon, record_level_round_steps
 from common.privacy.clipping import clip_per_example, draw_standard_noise
+from algorithms.tiny import TinyNet  # tests/ is on sys.path (tests/conftest.py)
 
 # Planning searches huge noise multipliers, where the best RDP order is the largest.
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the")
 
 DELTA = 1e-5
-
-
-class Net(nn.Module):
-    """Two linear layers on one modality, in the engine's ``(inputs, masks)`` calling convention."""
-
-    def __init__(self, dim=4, hidden=6, ways=3):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, ways)
-
-    def forward(self, inputs, masks):
-        x = inputs["x"] * masks["x"].unsqueeze(-1).to(inputs["x"].dtype)
-        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 def _batch(n, *, episodes, generator, pad=0, ways=3, dim=4):
@@ -53,7 +41,7 @@ def _batch(n, *, episodes, generator, pad=0, ways=3, dim=4):
 
 
 def _setup(name, *, episodes=4, support=6, query=8, pad=0, inner_steps=3, seed=0):
-    model = Net().double()
+    model = TinyNet().double()
     g = torch.Generator().manual_seed(seed)
     weights = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.5 for k, v in model.named_parameters()}
     algorithm = get_algorithm(name)
@@ -115,7 +103,7 @@ def test_no_noise_and_no_clipping_equals_the_first_order_update(name, pad):
 
 
 def test_local_meta_steps_take_the_same_steps_as_the_plain_update():
-    model = Net().double()
+    model = TinyNet().double()
     _, algorithm, params, _, data = _setup("fomaml", episodes=4)
     hparams = algorithm.hparams(inner_steps=2, inner_lr=0.1, first_order=True, client_meta_lr=0.3,
                                 local_meta_steps=2, optimizer="adam")
