@@ -39,8 +39,12 @@ def short_run(root: Path, algorithm: str):
         "model.fusion=late",
         "federation.eval_episodes=60",
     ])
-    torch.set_num_threads(1)
-    return train(config, log=lambda _line: None, ablate=False).meta_test
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the figures in the docstring's run were taken on one thread
+    try:
+        return train(config, log=lambda _line: None, ablate=False).meta_test
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_reptile_initialization_adapts_clearly_better_than_fedavg(tmp_path_factory):
