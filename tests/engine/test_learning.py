@@ -40,7 +40,7 @@ def short_run(root: Path, algorithm: str):
         "federation.eval_episodes=60",
     ])
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the figures in the docstring's run were taken on one thread
+    torch.set_num_threads(1)  # as the README's figures for this run were taken
     try:
         return train(config, log=lambda _line: None, ablate=False).meta_test
     finally:
