@@ -97,14 +97,9 @@ def compare(config: Config, *, algorithms: tuple[str, ...] = ALGORITHMS) -> Path
     for row in rows:
         lines.append(f"| {row['algorithm']} | {_fmt(row['accuracy'])} | ± {_fmt(row['ci95'])} | "
                      f"{_fmt(row['worst_decile'])} | {row['bytes'] / 1e6:.1f} | {row['seconds']:.0f} |")
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
-    (out / "compare.json").write_text(json.dumps(rows, indent=2))
     from simulations.experiment_plots import plot_comparison
 
-    plot_comparison(rows, out)
-    print("\n".join(lines))
-    print(f"written: {out}")
-    return out
+    return _write_results(out, stem="compare", lines=lines, rows=rows, plot=plot_comparison)
 
 
 # ----------------------------------------------------------- privacy sweep
@@ -290,11 +285,16 @@ def privacy_sweep(
     for row in rows:
         lines.append(f"| {row['level']} | {_fmt(row['target_epsilon'], 1)} | {_fmt(row['epsilon'], 2)} | "
                      f"{_fmt(row['noise_multiplier'], 3)} | {_fmt(row['accuracy'])} | ± {_fmt(row['ci95'])} |")
-    (out / "privacy_sweep.md").write_text("\n".join(lines) + "\n")
-    (out / "privacy_sweep.json").write_text(json.dumps(rows, indent=2, default=str))
     from simulations.experiment_plots import plot_privacy_sweep
 
-    plot_privacy_sweep(rows, out)
+    return _write_results(out, stem="privacy_sweep", lines=lines, rows=rows, plot=plot_privacy_sweep)
+
+
+def _write_results(out: Path, *, stem: str, lines: list[str], rows: list[dict[str, Any]], plot) -> Path:
+    """An experiment's table (``stem.md``), its rows (``stem.json``) and its plot, all in ``out``."""
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=2, default=str))
+    plot(rows, out)
     print("\n".join(lines))
     print(f"written: {out}")
     return out
