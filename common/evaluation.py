@@ -7,6 +7,12 @@ test episode adapts the shared initialization on its support set (the same
 scores the query set. Accuracy is reported as the mean over episodes with a
 95% confidence interval, per site, over the worst decile of sites, and with
 each modality removed (how much each one carries).
+
+Beside the model, the same episodes are scored by a 1-nearest-neighbour
+classifier on raw inputs (the "pixels" baseline of Vinyals et al., "Matching
+Networks for One Shot Learning", NeurIPS 2016): what the support set gives
+with no learning at all. A meta-learned model that does not beat it has
+learned nothing the raw inputs did not already say, or the data is too easy.
 """
 
 from __future__ import annotations
@@ -61,6 +67,48 @@ def score_episodes(
     return EpisodeScores(accuracy=torch.cat(accs), loss=torch.cat(losses))
 
 
+def standardize(x: torch.Tensor, *, leading: int = 2) -> torch.Tensor:
+    """Each record flattened, centred and scaled to unit norm (``leading`` batch axes kept).
+
+    Removes a record's own offset and gain (exposure, loudness, sensor
+    calibration), so that raw-input distances compare shapes, not levels.
+    """
+    x = x.flatten(leading).double()
+    x = x - x.mean(-1, keepdim=True)
+    return x / (x.norm(dim=-1, keepdim=True) + 1e-8)
+
+
+def raw_nearest_neighbour(episodes: dict, *, schema) -> torch.Tensor:
+    """Per-episode query accuracy ``[E]`` of 1-NN on raw inputs.
+
+    A query takes the label of the support record at the smallest distance:
+    the mean, over the modalities both records have, of the squared Euclidean
+    distance between the standardized inputs (token ids one-hot). Support
+    records that share no modality with the query, and padding, are never
+    chosen; a query that shares a modality with no support record is wrong.
+    Padded queries do not count.
+    """
+    support, query = episodes["support"], episodes["query"]
+    total = count = None
+    for name, spec in schema.items():
+        xs, xq = support["inputs"][name], query["inputs"][name]
+        if spec.kind == "tokens":
+            xs = torch.nn.functional.one_hot(xs, spec.vocab_size)
+            xq = torch.nn.functional.one_hot(xq, spec.vocab_size)
+        distance = torch.cdist(standardize(xq), standardize(xs)) ** 2  # [E, Q, S]
+        both = query["masks"][name][:, :, None] & support["masks"][name][:, None, :]
+        term = torch.where(both, distance, torch.zeros_like(distance))
+        total = term if total is None else total + term
+        count = both.to(term.dtype) if count is None else count + both.to(term.dtype)
+    usable = (count > 0) & (support["weights"][:, None, :] > 0)
+    mean = torch.where(usable, total / count.clamp(min=1.0), torch.full_like(total, math.inf))
+    nearest = mean.argmin(dim=-1)  # [E, Q]
+    predicted = torch.gather(support["labels"], 1, nearest)
+    correct = (predicted == query["labels"]) & usable.any(dim=-1)
+    weights = query["weights"].double()
+    return (correct.double() * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)
+
+
 def _slice(x, lo: int, hi: int):
     return {k: _slice(v, lo, hi) for k, v in x.items()} if isinstance(x, dict) else x[lo:hi]
 
@@ -111,8 +159,12 @@ def summarize(
     per_site_scores: dict[str, torch.Tensor],
     per_site_ablations: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict:
-    """``per_site_ablations`` maps a name (``without_audio``, ``only_image``) to per-site scores."""
-    """Turn per-site episode accuracies into the report the runs write."""
+    """Turn per-site episode accuracies into the report the runs write.
+
+    ``per_site_ablations`` maps a name (``without_audio``, ``only_image``,
+    ``raw_1nn``) to per-site scores of the same episodes; the report gets
+    their mean under that name.
+    """
     all_scores = torch.cat(list(per_site_scores.values())) if per_site_scores else torch.zeros(0)
     mean, ci = mean_ci95(all_scores)
     per_site = {site: float(v.double().mean()) for site, v in per_site_scores.items()}

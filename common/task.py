@@ -24,7 +24,7 @@ from common.algorithms import get_algorithm
 from common.algorithms.base import ClientHParams
 from common.config import Config, ConfigError
 from common.data.schema import ModalitySpec, Schema
-from common.evaluation import only_modality, score_episodes, summarize, without_modality
+from common.evaluation import only_modality, raw_nearest_neighbour, score_episodes, summarize, without_modality
 from common.tree import Tree
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -387,6 +387,7 @@ class Task:
         num_episodes: int,
         generator: torch.Generator,
         ablate_modalities: bool = False,
+        raw_baseline: bool = False,
     ) -> dict:
         """The FedMeta protocol over held-out sites (see :mod:`common.evaluation`).
 
@@ -394,6 +395,8 @@ class Task:
         modality removed (``without_<m>``) and with one modality alone
         (``only_<m>``): what each modality carries, and whether fusing beats the
         best single one. That costs ``2M + 1`` evaluations, so runs do it at the end.
+        With ``raw_baseline`` the report also has ``raw_1nn``: 1-NN on the raw
+        inputs of the same episodes (:func:`common.evaluation.raw_nearest_neighbour`).
         """
         if not sites:
             raise ValueError("meta-test needs at least one held-out site")
@@ -406,10 +409,14 @@ class Task:
                 variants[f"without_{m}"] = functools.partial(without_modality, modality=m)
                 variants[f"only_{m}"] = functools.partial(only_modality, modality=m, modalities=tuple(self.schema))
         ablations: dict[str, dict[str, torch.Tensor]] = {name: {} for name in variants}
+        if raw_baseline:
+            ablations["raw_1nn"] = {}
         for site in sites:
             episodes = self.sample_episodes(site, num_episodes=per_site_episodes, shots=self.config.episodes.shots,
                                             generator=generator)
             per_site[str(site.site_id)] = self._scores(theta, episodes).accuracy.cpu()
             for name, transform in variants.items():
                 ablations[name][str(site.site_id)] = self._scores(theta, transform(episodes)).accuracy.cpu()
+            if raw_baseline:
+                ablations["raw_1nn"][str(site.site_id)] = raw_nearest_neighbour(episodes, schema=self.schema).cpu()
         return summarize(per_site, ablations)

@@ -187,7 +187,7 @@ class MetaRun:
             report = jsonable(
                 self.task.meta_test(
                     self.state.params, self.test_sites, num_episodes=fed.eval_episodes, generator=gen,
-                    ablate_modalities=r == fed.rounds,
+                    ablate_modalities=r == fed.rounds, raw_baseline=r == fed.rounds,
                 )
             )
             report["seconds"] = time.time() - t0

@@ -79,6 +79,7 @@ def compare(config: Config, *, algorithms: tuple[str, ...] = ALGORITHMS) -> Path
             "accuracy": final["accuracy"],
             "ci95": final["ci95"],
             "worst_decile": final["worst_decile"],
+            "raw_1nn": final.get("raw_1nn", math.nan),
             "bytes": sum(r.get("bytes_sent", 0) + r.get("bytes_received", 0) for r in history),
             "seconds": history[-1].get("elapsed", math.nan),
             "run_dir": str(run_dir),
@@ -97,6 +98,8 @@ def compare(config: Config, *, algorithms: tuple[str, ...] = ALGORITHMS) -> Path
     for row in rows:
         lines.append(f"| {row['algorithm']} | {_fmt(row['accuracy'])} | ± {_fmt(row['ci95'])} | "
                      f"{_fmt(row['worst_decile'])} | {row['bytes'] / 1e6:.1f} | {row['seconds']:.0f} |")
+    # Every algorithm is scored on the same episodes (same seed), so one figure.
+    lines += ["", f"1-NN on the raw inputs of the same test episodes (no learning): {_fmt(rows[0]['raw_1nn'])}."]
     from simulations.experiment_plots import plot_comparison
 
     return _write_results(out, stem="compare", lines=lines, rows=rows, plot=plot_comparison)

@@ -72,7 +72,7 @@ def train(config: Config, *, task: Task | None = None, log=print, ablate: bool =
     run.params = params
     run.meta_test = task.meta_test(params, test_sites, num_episodes=fed.eval_episodes,
                                    generator=torch.Generator().manual_seed(fed.seed + 1),
-                                   ablate_modalities=ablate)
+                                   ablate_modalities=ablate, raw_baseline=True)
     return run
 
 
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     report = run.meta_test
     print(f"held-out accuracy {report['accuracy']:.4f} +- {report['ci95']:.4f} "
           f"(worst decile {report['worst_decile']:.4f}); "
-          + ", ".join(f"{k} {v:.4f}" for k, v in report.items() if k.startswith(("without_", "only_"))))
+          + ", ".join(f"{k} {v:.4f}" for k, v in report.items() if k.startswith(("without_", "only_")))
+          + f"; 1-NN on raw inputs, same episodes {report['raw_1nn']:.4f}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from common.config import ConfigError, DataConfig
+from common.evaluation import raw_nearest_neighbour, standardize
 from common.data import (
     PROCEDURAL_SCHEMA,
     SiteDataError,
@@ -159,12 +160,6 @@ def test_config_errors(tmp_path, small_config):
 # --------------------------------------------------------------------------- difficulty
 
 
-def _standardize(x: torch.Tensor) -> torch.Tensor:
-    x = x.flatten(2).double()
-    x = x - x.mean(-1, keepdim=True)
-    return x / (x.norm(dim=-1, keepdim=True) + 1e-8)
-
-
 def one_nn_accuracy(sites, schema, *, episodes_per_site=60, seed=0) -> dict[str, float]:
     """1-NN on raw inputs, 5-way 1-shot, 5 queries per class, Euclidean on per-record standardized inputs.
 
@@ -187,7 +182,7 @@ def one_nn_accuracy(sites, schema, *, episodes_per_site=60, seed=0) -> dict[str,
             if spec.kind == "tokens":
                 xs = torch.nn.functional.one_hot(xs, spec.vocab_size)
                 xq = torch.nn.functional.one_hot(xq, spec.vocab_size)
-            d = torch.cdist(_standardize(xq), _standardize(xs)) ** 2  # [E, Q, S]
+            d = torch.cdist(standardize(xq), standardize(xs)) ** 2  # [E, Q, S]
             both = q["masks"][m][:, :, None] & s["masks"][m][:, None, :]
             pred = d.masked_fill(~s["masks"][m][:, None, :], float("inf")).argmin(-1)
             ok = (pred == q["labels"]) & q["masks"][m]
@@ -209,3 +204,66 @@ def test_one_nearest_neighbour_is_well_above_chance_but_far_from_solved(small_be
         assert 0.3 < a < 0.75, (m, a)  # learnable (chance is 0.2), not trivial
     single = max(a for m, a in acc.items() if m != "fused")
     assert acc["fused"] > single + 0.02  # site noise makes every single modality unreliable somewhere
+
+
+# --------------------------------------------------------------------------- raw 1-NN in every report
+
+
+def _episodes(benchmark, *, num_episodes=8, seed=3):
+    site = load_site(benchmark.test_sites[0], schema=benchmark.schema)
+    return sample_episodes(site, schema=benchmark.schema, ways=5, shots=1, query_shots=3,
+                           num_episodes=num_episodes, generator=torch.Generator().manual_seed(seed))
+
+
+def _nearest_neighbour_loop(episodes, schema) -> list[float]:
+    """One query and one support record at a time: the reference for the batched version."""
+    out = []
+    s_all, q_all = episodes["support"], episodes["query"]
+    for e in range(s_all["labels"].shape[0]):
+        hits = 0
+        for qi in range(q_all["labels"].shape[1]):
+            best, label = float("inf"), None
+            for si in range(s_all["labels"].shape[1]):
+                parts = []
+                for m, spec in schema.items():
+                    if not (q_all["masks"][m][e, qi] and s_all["masks"][m][e, si]):
+                        continue
+                    a, b = q_all["inputs"][m][e, qi], s_all["inputs"][m][e, si]
+                    if spec.kind == "tokens":
+                        a, b = (torch.nn.functional.one_hot(t, spec.vocab_size) for t in (a, b))
+                    a, b = (t.flatten().double() for t in (a, b))
+                    a, b = ((t - t.mean()) / ((t - t.mean()).norm() + 1e-8) for t in (a, b))
+                    parts.append(float(((a - b) ** 2).sum()))
+                if parts and sum(parts) / len(parts) < best:
+                    best, label = sum(parts) / len(parts), int(s_all["labels"][e, si])
+            hits += label == int(q_all["labels"][e, qi])
+        out.append(hits / q_all["labels"].shape[1])
+    return out
+
+
+def test_raw_nearest_neighbour_equals_a_per_record_loop(small_benchmark):
+    episodes = _episodes(small_benchmark)
+    batched = raw_nearest_neighbour(episodes, schema=small_benchmark.schema)
+    assert batched.tolist() == pytest.approx(_nearest_neighbour_loop(episodes, small_benchmark.schema), abs=1e-12)
+
+
+def test_raw_nearest_neighbour_ignores_level_and_padding(small_benchmark):
+    schema = small_benchmark.schema
+    episodes = _episodes(small_benchmark)
+    support = episodes["support"]
+    # Queries that are the support records themselves, at another gain and offset: all right.
+    copies = {**support, "inputs": {m: (3.0 * x + 5.0 if x.is_floating_point() else x) for m, x in support["inputs"].items()}}
+    assert raw_nearest_neighbour({"support": support, "query": copies}, schema=schema).tolist() == [1.0] * 8
+    # A padded support record (weight 0) is never the nearest, even when it is
+    # the query itself under a wrong label.
+    g = torch.Generator().manual_seed(0)
+    query = {k: ({m: x[:, :1] for m, x in v.items()} if isinstance(v, dict) else v[:, :1]) for k, v in support.items()}
+    query["inputs"] = {m: (x + 0.01 * torch.randn(x.shape, generator=g) if x.is_floating_point() else x)
+                       for m, x in query["inputs"].items()}
+    padded_support = {
+        "inputs": {m: torch.cat([x, query["inputs"][m]], dim=1) for m, x in support["inputs"].items()},
+        "masks": {m: torch.cat([x, x[:, :1]], dim=1) for m, x in support["masks"].items()},
+        "labels": torch.cat([support["labels"], (support["labels"][:, :1] + 1) % 5], dim=1),
+        "weights": torch.cat([support["weights"], torch.zeros_like(support["weights"][:, :1])], dim=1),
+    }
+    assert raw_nearest_neighbour({"support": padded_support, "query": query}, schema=schema).tolist() == [1.0] * 8

@@ -52,6 +52,7 @@ def test_reptile_initialization_adapts_clearly_better_than_fedavg(tmp_path_facto
     reptile = short_run(root, "reptile")
     fedavg = short_run(root, "fedavg")
     print(f"\nheld-out 5-way 1-shot: reptile {reptile['accuracy']:.3f} +- {reptile['ci95']:.3f}, "
-          f"fedavg {fedavg['accuracy']:.3f} +- {fedavg['ci95']:.3f}")
+          f"fedavg {fedavg['accuracy']:.3f} +- {fedavg['ci95']:.3f}; "
+          f"1-NN on the raw inputs of the same episodes {reptile['raw_1nn']:.3f}")
     assert reptile["accuracy"] > 0.2 + 0.1  # well above chance (0.2)
     assert reptile["accuracy"] > fedavg["accuracy"] + 0.05

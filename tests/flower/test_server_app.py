@@ -64,7 +64,8 @@ def test_server_run_writes_metrics_checkpoints_and_summary(config, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [1, 2]
     assert "meta_test" in lines[0] and "without_image" not in lines[0]["meta_test"]  # ablations: last round only
-    assert "without_image" in lines[1]["meta_test"]
+    assert "without_image" in lines[1]["meta_test"] and "raw_1nn" not in lines[0]["meta_test"]
+    assert 0.0 <= lines[1]["meta_test"]["raw_1nn"] <= 1.0  # the no-learning reference, same episodes
     assert "federated_eval" not in lines[0]
     assert grid.sent.count("query") == 3 and grid.sent.count("train") == 6 and "evaluate" not in grid.sent
 
