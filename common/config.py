@@ -67,6 +67,10 @@ class ModelConfig:
     embed_dim: int = 64  # per-modality embedding width
     fusion: str = "attention"  # early | late | attention
     groups: int = 4  # GroupNorm groups
+    # How the convolutional encoders halve resolution: "stride" (stride-2
+    # convolutions, about 4x fewer multiply-adds) or "pool" (stride-1
+    # convolutions and 2x2 max pooling: the MAML / Reptile network).
+    downsample: str = "stride"
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,7 @@ class Config:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.fusion": ("early", "late", "attention"),
+    "model.downsample": ("stride", "pool"),
     "algorithm.name": ("fedavg", "reptile", "fomaml", "maml", "metasgd"),
     "algorithm.inner_optimizer": ("sgd", "adam"),
     "server_opt.name": ("sgd", "adam"),

@@ -45,7 +45,7 @@ class MultimodalModel(nn.Module):
         schema: Mapping[str, ModalitySpec],
         ways: int,
         head_hidden: int = 0,
-        downsample: str = "stride",
+        downsample: str | None = None,
     ) -> None:
         super().__init__()
         if not schema:
@@ -68,7 +68,7 @@ class MultimodalModel(nn.Module):
                     hidden=config.hidden,
                     embed_dim=config.embed_dim,
                     groups=config.groups,
-                    downsample=downsample,
+                    downsample=downsample or config.downsample,
                 )
                 for m in self.modalities
             }
@@ -111,7 +111,7 @@ def build_model(
     schema: Mapping[str, ModalitySpec],
     ways: int,
     head_hidden: int = 0,
-    downsample: str = "stride",
+    downsample: str | None = None,
 ) -> MultimodalModel:
     """The classifier for ``schema`` with ``ways`` outputs.
 
@@ -119,7 +119,8 @@ def build_model(
     follows ``config.fusion`` (see :mod:`common.models.fusion`);
     ``head_hidden > 0`` puts a hidden ReLU layer of that width in the head;
     ``downsample`` is ``"stride"`` (stride-2 convolutions) or ``"pool"``
-    (2x2 max pooling) for the convolutional encoders.
+    (2x2 max pooling) for the convolutional encoders; ``config.downsample``
+    when not given.
     """
     return MultimodalModel(
         config=config, schema=schema, ways=ways, head_hidden=head_hidden, downsample=downsample
