@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from common.config import ConfigError, DataConfig
-from common.evaluation import raw_nearest_neighbour, standardize
+from common.evaluation import only_modality, raw_nearest_neighbour
 from common.data import (
     PROCEDURAL_SCHEMA,
     SiteDataError,
@@ -161,38 +161,30 @@ def test_config_errors(tmp_path, small_config):
 
 
 def one_nn_accuracy(sites, schema, *, episodes_per_site=60, seed=0) -> dict[str, float]:
-    """1-NN on raw inputs, 5-way 1-shot, 5 queries per class, Euclidean on per-record standardized inputs.
+    """1-NN on raw inputs (:func:`raw_nearest_neighbour`), 5-way 1-shot, 5 queries per class.
 
-    Per modality: over queries that have the modality (a support record
-    lacking it is never the nearest). Fused: the mean over the modalities both
-    records have of the per-modality squared distances.
+    Per modality: that modality alone, over the queries that have it. Fused:
+    every modality, over all queries. Pooled over the queries of all sites.
     """
     g = torch.Generator().manual_seed(seed)
-    hits = {m: 0 for m in schema} | {"fused": 0}
-    total = {m: 0 for m in schema} | {"fused": 0}
+    hits: dict[str, float] = {}
+    total: dict[str, float] = {}
+
+    def add(name, episodes):
+        weights = episodes["query"]["weights"].double()
+        hits[name] = hits.get(name, 0.0) + float((raw_nearest_neighbour(episodes, schema=schema) * weights.sum(-1)).sum())
+        total[name] = total.get(name, 0.0) + float(weights.sum())
+
     for site in sites:
-        ep = sample_episodes(site, schema=schema, ways=5, shots=1, query_shots=5, num_episodes=episodes_per_site, generator=g)
-        s, q = ep["support"], ep["query"]
-        d_sum = torch.zeros(q["labels"].shape + s["labels"].shape[1:], dtype=torch.float64)
-        n_sum = torch.zeros_like(d_sum)
-        for m, spec in schema.items():
-            if m not in site.arrays:
-                continue
-            xs, xq = s["inputs"][m], q["inputs"][m]
-            if spec.kind == "tokens":
-                xs = torch.nn.functional.one_hot(xs, spec.vocab_size)
-                xq = torch.nn.functional.one_hot(xq, spec.vocab_size)
-            d = torch.cdist(standardize(xq), standardize(xs)) ** 2  # [E, Q, S]
-            both = q["masks"][m][:, :, None] & s["masks"][m][:, None, :]
-            pred = d.masked_fill(~s["masks"][m][:, None, :], float("inf")).argmin(-1)
-            ok = (pred == q["labels"]) & q["masks"][m]
-            hits[m] += int(ok.sum())
-            total[m] += int(q["masks"][m].sum())
-            d_sum += d * both
-            n_sum += both
-        fused = (d_sum / n_sum.clamp(min=1)).masked_fill(n_sum == 0, float("inf"))
-        hits["fused"] += int((fused.argmin(-1) == q["labels"]).sum())
-        total["fused"] += q["labels"].numel()
+        episodes = sample_episodes(site, schema=schema, ways=5, shots=1, query_shots=5,
+                                   num_episodes=episodes_per_site, generator=g)
+        for m in schema:
+            if m in site.arrays:
+                alone = only_modality(episodes, m, tuple(schema))
+                query = alone["query"]
+                alone["query"] = {**query, "weights": query["weights"] * query["masks"][m].to(query["weights"].dtype)}
+                add(m, alone)
+        add("fused", episodes)
     return {m: hits[m] / total[m] for m in hits if total[m]}
 
 
