@@ -42,6 +42,11 @@ class DataConfig:
     # probability; a record lacks a present modality with the second one.
     site_missing_rate: float = 0.2
     record_missing_rate: float = 0.1
+    # Per-record low-frequency interference in the procedural benchmark (an
+    # illumination ramp on images, a channel colouring of the audio spectrum,
+    # baseline wander on series), as a multiple of its reference strength;
+    # 0 leaves the benchmark as it always was. It defeats raw-input similarity.
+    interference: float = 0.0
     seed: int = 0
 
 

@@ -23,6 +23,13 @@ gain, spectral tilt and a hum for audio, per-channel gain and offset for
 series, a vocabulary remapping for tokens) and its own noise level per
 modality; at some sites a modality is degraded to near uselessness (never all
 of a site's modalities), so fusing the modalities beats the best single one.
+
+With ``DataConfig.interference > 0`` every record also gets a smooth,
+class-independent interference term of its own (an illumination ramp, a
+colouring of the spectrum, baseline wander; see :func:`_interference`), drawn
+from a stream of its own so that the records are otherwise unchanged: raw-input
+1-NN falls toward chance while the signal a model can learn stays.
+
 Missing data follows FedMultimodal (Feng et al., "FedMultimodal: A Benchmark
 For Multimodal Federated Learning", KDD 2023): a site lacks each modality with
 probability ``site_missing_rate`` and a record lacks each of its site's
@@ -86,7 +93,7 @@ PROCEDURAL_SCHEMA: dict[str, ModalitySpec] = {
 }
 
 # Stream tags for numpy SeedSequence entropy: [seed, tag, ...].
-_CLASS_STREAM, _SITE_STREAM, _RECORD_STREAM = 11, 12, 13
+_CLASS_STREAM, _SITE_STREAM, _RECORD_STREAM, _INTERFERENCE_STREAM = 11, 12, 13, 14
 _MODALITY_CODE = {"image": 1, "audio": 2, "series": 3, "tokens": 4}
 _SPLIT_CODE = {"train": 0, "test": 1}
 
@@ -375,6 +382,42 @@ def _render_tokens(
     return vocab[seq].astype(np.int64), style
 
 
+def _interference(modality: str, shape: tuple[int, ...], rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Per-record low-frequency interference, added to the rendered records (``[n, *record shape]``).
+
+    Class-independent and smooth, so a model can learn to ignore it, but large
+    next to the signal, so raw-input distances (even per-record standardized
+    ones, which remove only an offset and a gain) are dominated by it:
+
+    * image: an illumination ramp, ``a x + b y + c (x^2 + y^2 - 2/3)`` over the
+      canvas in [-1, 1]^2, coefficients N(0, 0.5 strength);
+    * audio: a colouring of the (normalized) log spectrum, ``a f + b (f^2 - 1/3)
+      + c sin(3 f)`` over frequency f in [-1, 1], coefficients N(0, 0.5 strength);
+    * series: baseline wander, two sinusoids per channel of 0.3 to 1.2 cycles
+      per record, amplitudes N(0, strength);
+    * tokens: none (ids have no baseline).
+    """
+    n = shape[0]
+    if modality == "image":
+        size = shape[-1]
+        x = np.linspace(-1.0, 1.0, size)[None, :]
+        y = x.T
+        c = rng.normal(0.0, 0.5 * strength, (n, 3, 1, 1))
+        return c[:, :1] * x + c[:, 1:2] * y + c[:, 2:] * (x**2 + y**2 - 2.0 / 3.0)  # [n, 1, H, W]
+    if modality == "audio":
+        f = np.linspace(-1.0, 1.0, shape[2])[:, None]  # [F, 1]
+        c = rng.normal(0.0, 0.5 * strength, (n, 3, 1, 1))
+        colour = c[:, 0] * f + c[:, 1] * (f**2 - 1.0 / 3.0) + c[:, 2] * np.sin(3.0 * f)  # [n, F, 1]
+        return np.broadcast_to(colour[:, None], shape).copy()
+    if modality == "series":
+        u = np.linspace(0.0, 1.0, shape[2])
+        freq = rng.uniform(0.3, 1.2, (n, shape[1], 2, 1))
+        phase = rng.uniform(0.0, 2 * np.pi, (n, shape[1], 2, 1))
+        amp = rng.normal(0.0, strength, (n, shape[1], 2, 1))
+        return (amp * np.sin(2 * np.pi * freq * u + phase)).sum(axis=2)
+    return np.zeros(shape)
+
+
 _RENDER = {"image": _render_images, "audio": _render_audio, "series": _render_series, "tokens": _render_tokens}
 
 
@@ -423,6 +466,12 @@ def _site_records(
         style_rng = np.random.default_rng([config.seed, _SITE_STREAM, _SPLIT_CODE[split], index, _MODALITY_CODE[mod]])
         rec_rng = np.random.default_rng([config.seed, _RECORD_STREAM, _SPLIT_CODE[split], index, _MODALITY_CODE[mod]])
         arr, style = _RENDER[mod](protos, cls, rec_rng, style_rng, degraded[mod])
+        if config.interference and PROCEDURAL_SCHEMA[mod].kind != "tokens":
+            # Its own stream: the records are otherwise exactly those without it.
+            noise_rng = np.random.default_rng(
+                [config.seed, _INTERFERENCE_STREAM, _SPLIT_CODE[split], index, _MODALITY_CODE[mod]]
+            )
+            arr = (arr + _interference(mod, arr.shape, noise_rng, config.interference)).astype(arr.dtype)
         arrays[mod] = arr
         styles[mod] = {"degraded": degraded[mod], **style}
     return {
@@ -439,6 +488,9 @@ def _settings(config: DataConfig) -> dict:
     d["modalities"] = list(config.modalities)
     d["site_missing_rate"] = float(d["site_missing_rate"])
     d["record_missing_rate"] = float(d["record_missing_rate"])
+    # Recorded only when used, so benchmarks generated before the setting existed still match.
+    if config.interference:
+        d["interference"] = float(config.interference)
     return d
 
 
@@ -467,6 +519,9 @@ def _check_config(config: DataConfig) -> None:
         value = getattr(config, key)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"data.{key} must be in [0, 1); got {value}")
+    if not (math.isfinite(config.interference) and config.interference >= 0.0):
+        raise ConfigError(f"data.interference must be a finite number >= 0 (0: none, 1: the reference strength); "
+                          f"got {config.interference}")
 
 
 def write_benchmark_file(root: str | os.PathLike, *, generator: str, schema: Schema, **fields) -> Path:

@@ -259,3 +259,61 @@ def test_raw_nearest_neighbour_ignores_level_and_padding(small_benchmark):
         "weights": torch.cat([support["weights"], torch.zeros_like(support["weights"][:, :1])], dim=1),
     }
     assert raw_nearest_neighbour({"support": padded_support, "query": query}, schema=schema).tolist() == [1.0] * 8
+
+
+# --------------------------------------------------------------------------- interference
+
+
+@pytest.fixture
+def interfered_benchmark(tmp_path, small_config):
+    return generate_benchmark(tmp_path / "interfered", config=dataclasses.replace(small_config, interference=1.0))
+
+
+def _residual_after_quadratic(image: np.ndarray) -> float:
+    """Largest residual of the least-squares fit of ``1, x, y, x^2 + y^2`` to a 2-D array."""
+    size = image.shape[-1]
+    y, x = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    basis = np.stack([np.ones_like(x), x, y, x**2 + y**2], axis=-1).reshape(-1, 4)
+    coef, *_ = np.linalg.lstsq(basis, image.reshape(-1), rcond=None)
+    return float(np.abs(basis @ coef - image.reshape(-1)).max())
+
+
+def test_interference_adds_only_a_smooth_term_of_its_own(small_benchmark, interfered_benchmark):
+    for plain_path, noisy_path in zip(small_benchmark.test_sites, interfered_benchmark.test_sites):
+        plain = load_site(plain_path, schema=small_benchmark.schema)
+        noisy = load_site(noisy_path, schema=interfered_benchmark.schema)
+        assert np.array_equal(plain.labels, noisy.labels) and plain.class_names == noisy.class_names
+        assert plain.masks.keys() == noisy.masks.keys()
+        assert all(np.array_equal(plain.masks[m], noisy.masks[m]) for m in plain.masks)
+        for m, before in plain.arrays.items():
+            term = noisy.arrays[m].astype(np.float64) - before
+            scale = np.abs(term).max()
+            assert scale > 0.1, m  # large next to the signal (records are roughly unit scale)
+            if m == "image":  # an illumination ramp: a quadratic over the canvas
+                assert max(_residual_after_quadratic(t[0]) for t in term) < 1e-4 * scale
+            elif m == "audio":  # a colouring of the spectrum: the same in every frame
+                assert np.abs(term - term[..., :1]).max() < 1e-5 * scale
+            elif m == "series":  # slow wander: tiny second differences
+                assert np.abs(np.diff(term, n=2, axis=-1)).max() < 0.05 * scale
+
+
+def test_interference_defeats_raw_nearest_neighbour(small_benchmark, interfered_benchmark):
+    plain = one_nn_accuracy([load_site(p, schema=small_benchmark.schema) for p in small_benchmark.test_sites],
+                            small_benchmark.schema)
+    noisy = one_nn_accuracy([load_site(p, schema=interfered_benchmark.schema) for p in interfered_benchmark.test_sites],
+                            interfered_benchmark.schema)
+    print(f"\n1-NN fused: {plain['fused']:.3f} without interference, {noisy['fused']:.3f} with it")
+    assert noisy["fused"] < plain["fused"] - 0.15
+    assert noisy["fused"] < 0.2 + 0.1  # near chance
+
+
+def test_interference_setting_is_checked_and_recorded_only_when_used(tmp_path, small_config):
+    cfg = dataclasses.replace(small_config, num_train_sites=1, num_test_sites=1)
+    with pytest.raises(ConfigError, match=r"data.interference must be a finite number >= 0"):
+        generate_benchmark(tmp_path / "bad", config=dataclasses.replace(cfg, interference=-1.0))
+    root = tmp_path / "bench"
+    generate_benchmark(root, config=cfg)
+    # Benchmarks written before the setting existed have no such key: they still match.
+    assert "interference" not in yaml.safe_load((root / "benchmark.yaml").read_text())["settings"]
+    with pytest.raises(SiteDataError, match=r"interference: None there, 1.0 asked"):
+        generate_benchmark(root, config=dataclasses.replace(cfg, interference=1.0))
