@@ -93,6 +93,11 @@ class AlgorithmConfig:
     # client_meta_lr on its episodes before it replies (FedMeta's client step).
     client_meta_lr: float = 0.5
     local_meta_steps: int = 1
+    # Where every inner loop starts its linear classifier: "shared" (the
+    # learned weights) or "prototypes" (Proto-MAML: rows 2 c_k and biases
+    # -|c_k|^2 from the support's class means, Triantafillou et al. 2020).
+    # FedAvg's own training keeps its shared head; its meta-test adapts like the others.
+    head_init: str = "shared"
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.downsample": ("stride", "pool"),
     "algorithm.name": ("fedavg", "reptile", "fomaml", "maml", "metasgd"),
     "algorithm.inner_optimizer": ("sgd", "adam"),
+    "algorithm.head_init": ("shared", "prototypes"),
     "server_opt.name": ("sgd", "adam"),
     "server_opt.schedule": ("constant", "linear"),
     "privacy.record.accountant": ("rdp", "prv"),
@@ -392,6 +398,14 @@ def validate(config: Config) -> Config:
             "clipping norm does not bound. Set algorithm.first_order: true (FOMAML; or "
             "algorithm.name: fomaml), whose noised inner gradients are released values and whose "
             "query gradient is clipped and noised per record"
+        )
+    if rec.enabled and config.algorithm.head_init != "shared":
+        # The prototypes are means of the support's embeddings: every support
+        # record moves the head directly, outside the clipped, noised gradients.
+        raise ConfigError(
+            "privacy.record with algorithm.head_init=prototypes cannot be privatized: the head starts "
+            "from the support's class means, which no per-record clipping bounds. Set "
+            "algorithm.head_init: shared, or use client-level DP (privacy.client)"
         )
     if config.privacy.client.enabled and config.federation.fraction <= 0.0:
         raise ConfigError(

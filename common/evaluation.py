@@ -46,11 +46,13 @@ def score_episodes(
     inner_steps: int,
     inner_lr: float,
     optimizer: str = "sgd",
+    head_init: str = "shared",
     chunk: int = EVAL_CHUNK,
 ) -> EpisodeScores:
     """Per-episode query accuracy and loss after adapting on the support."""
     weights, rates = model_part(params), (lr_part(params) or None)
-    loop = InnerLoop(inner_steps=inner_steps, inner_lr=inner_lr, first_order=True, optimizer=optimizer)
+    loop = InnerLoop(inner_steps=inner_steps, inner_lr=inner_lr, first_order=True, optimizer=optimizer,
+                     head_init=head_init)
 
     def one(support, query):
         adapted = adapt(model, weights, support, loop=loop, learning_rates=rates)

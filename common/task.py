@@ -213,6 +213,7 @@ class Task:
             local_meta_steps=cfg.local_meta_steps,
             train_on_query=train_on_query,
             optimizer=cfg.inner_optimizer,
+            head_init=cfg.head_init,
         )
 
     def train_on_site(
@@ -363,7 +364,7 @@ class Task:
         cfg = self.config.algorithm
         return score_episodes(
             self.model, params, episodes, inner_steps=cfg.eval_inner_steps, inner_lr=cfg.inner_lr,
-            optimizer=cfg.inner_optimizer,
+            optimizer=cfg.inner_optimizer, head_init=cfg.head_init,
         )
 
     def evaluate_on_site(

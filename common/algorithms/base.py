@@ -59,9 +59,9 @@ class Algorithm:
 
     def hparams(self, *, inner_steps: int, inner_lr: float, first_order: bool = False,
                 client_meta_lr: float = 0.5, local_meta_steps: int = 1,
-                train_on_query: bool = True, optimizer: str = "sgd") -> ClientHParams:
+                train_on_query: bool = True, optimizer: str = "sgd", head_init: str = "shared") -> ClientHParams:
         loop = InnerLoop(inner_steps=inner_steps, inner_lr=inner_lr,
-                         first_order=first_order or not self.second_order, optimizer=optimizer)
+                         first_order=first_order or not self.second_order, optimizer=optimizer, head_init=head_init)
         return ClientHParams(loop=loop, client_meta_lr=client_meta_lr,
                              local_meta_steps=local_meta_steps, train_on_query=train_on_query)
 

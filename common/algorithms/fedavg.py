@@ -11,6 +11,8 @@ al. 2018, arXiv 1802.07876).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -35,7 +37,10 @@ def client_update(
     hparams: ClientHParams,
     gradient: GradientFn | None = None,
 ) -> ClientResult:
-    # Sequential by nature (one trajectory), so a loop over episodes.
+    # Sequential by nature (one trajectory), so a loop over episodes. The
+    # baseline trains its own shared head: a head rebuilt from each episode's
+    # prototypes would be a meta-learning objective (it adapts like the others at test).
+    loop = dataclasses.replace(hparams.loop, head_init="shared")
     current = dict(params)
     losses = []
     with torch.no_grad():
@@ -43,7 +48,7 @@ def client_update(
             episode = index_episode(episodes, i)
             batch = merge_support_query(episode) if hparams.train_on_query else episode["support"]
             losses.append(batch_loss(model, current, batch))
-            current = adapt(model, current, batch, loop=hparams.loop, gradient=gradient)
+            current = adapt(model, current, batch, loop=loop, gradient=gradient)
         last = index_episode(episodes, num_episodes(episodes) - 1)
         metrics = {
             "train_loss": torch.stack(losses).mean(),

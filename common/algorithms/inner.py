@@ -83,6 +83,37 @@ class InnerLoop:
     optimizer: str = "sgd"
     beta2: float = 0.999
     eps: float = 1e-8
+    # "shared": start from the learned head; "prototypes": from the support's
+    # class prototypes (:func:`prototype_head`).
+    head_init: str = "shared"
+
+
+def prototype_head(model: nn.Module, params: Mapping[str, torch.Tensor], support: Batch) -> Tree:
+    """Linear head weights that make the model a nearest-class-mean classifier on ``support``.
+
+    Proto-MAML (Triantafillou et al., "Meta-Dataset", ICLR 2020, Sec. 4): row
+    ``k`` of each linear head is ``2 c_k`` and its bias ``-|c_k|^2``, where
+    ``c_k`` is the mean of what that head sees over the support records of
+    class ``k`` (records lacking the head's modality, and padding, left out).
+    Then a head's logit is ``-|x - c_k|^2`` up to a term equal for every class,
+    as in a prototypical network (Snell et al. 2017). The prototypes are
+    functions of ``params``, so the meta-gradient flows through them. The
+    fusion's heads must be single linear layers (``head_hidden = 0``).
+    """
+    features, has = head_inputs(model, params, support)  # [B, H, F], [B, H]
+    labels = F.one_hot(support["labels"], model.ways).to(features.dtype) * support["weights"][:, None]  # [B, W]
+    head = {}
+    for h, name in enumerate(model.fusion.head_names):
+        members = labels * has[:, h : h + 1].to(features.dtype)  # [B, W]
+        centres = members.T @ features[:, h] / members.sum(0)[:, None].clamp(min=1.0)  # [W, F]
+        head[f"fusion.{name}.weight"] = 2.0 * centres
+        head[f"fusion.{name}.bias"] = -(centres**2).sum(-1)
+    return head
+
+
+def head_inputs(model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch):
+    """What the fusion's linear heads see for ``batch`` (see ``MultimodalModel.forward``)."""
+    return functional_call(model, dict(params), (batch["inputs"], batch["masks"]), {"head_inputs": True})
 
 
 def adapt(
@@ -125,6 +156,9 @@ def adapt_directions(
     the adapted weights are then ``params - rates * D`` as a function of the
     params and the rates (FOMAML; first-order Meta-SGD).
     """
+    if loop.head_init != "shared":
+        raise ValueError("adapt_directions needs loop.head_init='shared': a head that starts from the "
+                         "support's prototypes is not params - rates * D")
     _, directions = _inner_loop(model, params, support, loop=loop, learning_rates=learning_rates,
                                 gradient=gradient, keep_directions=True)
     return directions
@@ -133,6 +167,8 @@ def adapt_directions(
 def _inner_loop(model, params, support, *, loop, learning_rates, gradient, keep_directions):
     gradient = gradient or loss_gradient(model)
     adapted = dict(params)
+    if loop.head_init == "prototypes":
+        adapted.update(prototype_head(model, params, support))
     rates = learning_rates or {k: loop.inner_lr for k in adapted}
     second_moment = {k: torch.zeros_like(v) for k, v in adapted.items()} if loop.optimizer == "adam" else None
     directions = {k: torch.zeros_like(v) for k, v in adapted.items()} if keep_directions else None

@@ -100,8 +100,14 @@ class MultimodalModel(nn.Module):
             present.append(mask)
         return torch.stack(embeddings, dim=1), torch.stack(present, dim=1)
 
-    def forward(self, inputs: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, inputs: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], *, head_inputs: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, ways]``; with ``head_inputs`` what the fusion's linear heads see instead
+        (``[B, H, F]`` and presence ``[B, H]``; see ``fusion.head_names``), for prototype heads."""
         embeddings, present = self.embed(inputs, masks)
+        if head_inputs:
+            return self.fusion.head_inputs(embeddings, present)
         return self.fusion(embeddings, present)
 
 

@@ -60,13 +60,19 @@ def _zero_missing(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class EarlyFusion(nn.Module):
     """Concatenation of the (zero-filled) modality embeddings, then one head."""
 
+    head_names = ("head.net.0",)
+
     def __init__(self, *, modalities: tuple[str, ...], embed_dim: int, ways: int, head_hidden: int = 0) -> None:
         super().__init__()
         self.head = ClassifierHead(in_features=len(modalities) * embed_dim, ways=ways, hidden=head_hidden)
 
-    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def head_inputs(self, embeddings: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each linear head sees, ``[B, H, F]``, and whether the record has it, ``[B, H]``."""
         fused = _zero_missing(embeddings, mask).flatten(start_dim=1)  # [B, M * D]
-        return self.head(fused)
+        return fused.unsqueeze(1), mask.any(dim=1, keepdim=True)
+
+    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_inputs(embeddings, mask)[0][:, 0])
 
 
 class LateFusion(nn.Module):
@@ -82,6 +88,11 @@ class LateFusion(nn.Module):
         self.heads = nn.ModuleDict(
             {m: ClassifierHead(in_features=embed_dim, ways=ways, hidden=head_hidden) for m in self.modalities}
         )
+        self.head_names = tuple(f"heads.{m}.net.0" for m in self.modalities)
+
+    def head_inputs(self, embeddings: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each linear head sees, ``[B, H, F]``, and whether the record has it, ``[B, H]``."""
+        return _zero_missing(embeddings, mask), mask
 
     def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         embeddings = _zero_missing(embeddings, mask)
@@ -113,6 +124,14 @@ class AttentionFusion(nn.Module):
         self.modality_bias.zero_init = True  # read by initial_parameters
         self.head = ClassifierHead(in_features=embed_dim, ways=ways, hidden=head_hidden)
 
+    head_names = ("head.net.0",)
+
+    def head_inputs(self, embeddings: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each linear head sees, ``[B, H, F]``, and whether the record has it, ``[B, H]``."""
+        attn = self.weights(embeddings, mask)
+        fused = (attn.unsqueeze(-1) * _zero_missing(embeddings, mask)).sum(dim=1)  # [B, D]
+        return fused.unsqueeze(1), mask.any(dim=1, keepdim=True)
+
     def weights(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Attention weights ``[B, M]``: a softmax over present modalities, zero elsewhere
         (all zero for a record with no modality)."""
@@ -130,9 +149,7 @@ class AttentionFusion(nn.Module):
         return torch.where(mask, attn, torch.zeros_like(attn))
 
     def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        attn = self.weights(embeddings, mask)
-        fused = (attn.unsqueeze(-1) * _zero_missing(embeddings, mask)).sum(dim=1)  # [B, D]
-        return self.head(fused)
+        return self.head(self.head_inputs(embeddings, mask)[0][:, 0])
 
 
 _FUSIONS: dict[str, type[nn.Module]] = {

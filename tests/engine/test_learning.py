@@ -10,10 +10,12 @@ same inner loop (steps, learning rate) for both, score the query set.
 * Fusing the modalities must clearly beat the best single one, scored on the
   same episodes with the other modalities removed.
 
-The encoders are the max-pooling MAML / Reptile network
-(``model.downsample=pool``): with stride-2 convolutions the same short run
-learns less from the series and the fusion (see the README). Prints the
-figures (``pytest -s``), with 1-NN on the raw inputs of the same episodes.
+Every inner loop, at training and at meta-test, starts its linear heads from
+the support's class prototypes (Proto-MAML, ``algorithm.head_init:
+prototypes``); FedAvg trains its shared head as the baseline does and adapts
+from prototypes at meta-test like Reptile. With the shared head the same short
+run learns far less (see the README). Prints the figures (``pytest -s``),
+with 1-NN on the raw inputs of the same episodes.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def short_run(root: Path, algorithm: str, *, ablate: bool) -> dict:
         "episodes.train_shots=5",
         "algorithm.inner_lr=0.2",
         "model.fusion=late",
-        "model.downsample=pool",
+        "algorithm.head_init=prototypes",
         "federation.eval_episodes=60",
     ])
     threads = torch.get_num_threads()
@@ -71,8 +73,8 @@ def runs(tmp_path_factory) -> dict[str, dict]:
 
 def test_reptile_initialization_adapts_clearly_better_than_fedavg(runs):
     reptile, fedavg = runs["reptile"]["accuracy"], runs["fedavg"]["accuracy"]
-    assert reptile > 0.2 + 0.1  # well above chance (0.2)
-    assert reptile > fedavg + 0.05
+    assert reptile > 0.2 + 0.15  # well above chance (0.2)
+    assert reptile > fedavg + 0.1
 
 
 def test_fused_modalities_clearly_beat_the_best_single_one(runs):
