@@ -82,3 +82,4 @@ def test_fused_modalities_clearly_beat_the_best_single_one(runs):
     single = {k: v for k, v in report.items() if k.startswith("only_")}
     assert set(single) == {"only_image", "only_audio", "only_series"}
     assert report["accuracy"] > max(single.values()) + 0.04, single
+
