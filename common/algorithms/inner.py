@@ -100,6 +100,11 @@ def prototype_head(model: nn.Module, params: Mapping[str, torch.Tensor], support
     functions of ``params``, so the meta-gradient flows through them. The
     fusion's heads must be single linear layers (``head_hidden = 0``).
     """
+    for name in model.fusion.head_names:
+        if len(model.fusion.get_submodule(name.rsplit(".", 1)[0])) != 1:
+            raise ValueError("algorithm.head_init=prototypes needs linear classifier heads; this model's "
+                             "heads have a hidden layer (head_hidden > 0): build it with head_hidden=0 "
+                             "or use head_init='shared'")
     features, has = head_inputs(model, params, support)  # [B, H, F], [B, H]
     labels = F.one_hot(support["labels"], model.ways).to(features.dtype) * support["weights"][:, None]  # [B, W]
     head = {}

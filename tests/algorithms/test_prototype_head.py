@@ -64,6 +64,12 @@ def test_prototype_head_is_a_nearest_class_mean_classifier(fusion):
         torch.testing.assert_close(shift - shift[:, :1], torch.zeros_like(shift))
 
 
+def test_a_head_with_a_hidden_layer_is_refused_with_the_fix():
+    model, params = make_model("late", SCHEMA, head_hidden=5)
+    with pytest.raises(ValueError, match="needs linear classifier heads.*head_hidden=0"):
+        prototype_head(model, params, batch())
+
+
 def test_adapt_with_prototypes_under_vmap_equals_a_loop():
     model, params = make_model("late", SCHEMA)
     support = batch(n=6, seed=3, lead=(4,))
