@@ -76,6 +76,10 @@ class ModelConfig:
     # convolutions, about 4x fewer multiply-adds) or "pool" (stride-1
     # convolutions and 2x2 max pooling: the MAML / Reptile network).
     downsample: str = "stride"
+    # Normalize each modality's embedding per record (a LayerNorm over its
+    # features, learned scale and shift), so that every modality reaches the
+    # fusion on one scale: late fusion then averages logits of comparable size.
+    embedding_norm: bool = False
 
 
 @dataclass(frozen=True)

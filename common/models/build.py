@@ -9,6 +9,13 @@ layout of :mod:`common.data.schema`). The engine calls it only through
 the forward holds no BatchNorm, no in-place activation, no ``.item()`` and no
 Python branch on tensor values.
 
+With ``ModelConfig.embedding_norm`` each modality's embedding is normalized
+per record over its features (a LayerNorm with learned scale and shift), so
+that no modality dominates the fusion by the size of its features alone;
+nearest-class-mean heads (``algorithm.head_init: prototypes``) then compare
+distances of one scale across modalities, as cosine-style few-shot
+classifiers do (Chen et al., "A Closer Look at Few-shot Classification", ICLR 2019).
+
 ``initial_parameters`` draws a fresh initialization from an explicit
 ``torch.Generator`` and never touches torch's global RNG.
 """
@@ -73,6 +80,12 @@ class MultimodalModel(nn.Module):
                 for m in self.modalities
             }
         )
+        # GroupNorm with one group over a [B, D] embedding is a LayerNorm of its
+        # D features, in a layer Opacus computes per-example gradients for.
+        self.embedding_norms = (
+            nn.ModuleDict({m: nn.GroupNorm(1, config.embed_dim) for m in self.modalities})
+            if config.embedding_norm else None
+        )
         self.fusion = build_fusion(
             fusion=config.fusion,
             modalities=self.modalities,
@@ -96,7 +109,10 @@ class MultimodalModel(nn.Module):
             mask = masks[name].to(torch.bool)
             shape = (mask.shape[0],) + (1,) * (x.dim() - 1)
             x = torch.where(mask.reshape(shape), x, torch.zeros_like(x))
-            embeddings.append(self.encoders[name](x))
+            embedding = self.encoders[name](x)
+            if self.embedding_norms is not None:
+                embedding = self.embedding_norms[name](embedding)
+            embeddings.append(embedding)
             present.append(mask)
         return torch.stack(embeddings, dim=1), torch.stack(present, dim=1)
 

@@ -336,3 +336,29 @@ def test_default_config_parameter_counts():
     assert counts["late"] - counts["early"] == 3 * (64 * 5 + 5) - (3 * 64 * 5 + 5)
     assert counts["attention"] - counts["early"] == (64 * 64 + 64) + (64 + 1) + 3 + (64 * 5 + 5) - (3 * 64 * 5 + 5)
     assert all(50_000 < c < 150_000 for c in counts.values()), counts
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_embedding_norm_puts_every_modality_on_one_scale(fusion):
+    """With ``embedding_norm`` a modality's logits do not depend on the scale of its
+    encoder's output: scaling one encoder's last linear layer by 10 (its ReLU is
+    positively homogeneous) leaves them unchanged, up to GroupNorm's eps; without
+    it, they change."""
+    inputs, masks = make_batch(SMALL, 6, generator=torch.Generator().manual_seed(8))
+    for embedding_norm in (False, True):
+        model = build_model(config=small_config(fusion, embedding_norm=embedding_norm), schema=SMALL,
+                            ways=WAYS).to(torch.float64)
+        params = initial_parameters(model, generator=torch.Generator().manual_seed(0))
+        params = {k: v + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=v.dtype)
+                  for k, v in params.items()}  # away from the symmetric start
+        louder = {k: (10.0 * v if k.startswith("encoders.audio.project.0.") else v) for k, v in params.items()}
+        before = functional_call(model, params, (inputs, masks))
+        after = functional_call(model, louder, (inputs, masks))
+        if embedding_norm:
+            # Equal up to GroupNorm's eps (1e-5 added to the variance).
+            torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-3)
+        else:
+            assert (after - before).abs().max() > 0.05
+    model = build_model(config=small_config(fusion, embedding_norm=True), schema=SMALL, ways=WAYS)
+    assert sorted(n for n, _ in model.named_parameters() if n.startswith("embedding_norms.")) == sorted(
+        f"embedding_norms.{m}.{p}" for m in SMALL for p in ("weight", "bias"))

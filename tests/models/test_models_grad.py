@@ -35,8 +35,8 @@ def schema_for(modality):
     return {modality: SPECS[modality], other: SPECS[other]}
 
 
-def make_model(fusion, schema, *, seed=0, **kw):
-    config = ModelConfig(hidden=4, embed_dim=4, fusion=fusion, groups=2)
+def make_model(fusion, schema, *, seed=0, embedding_norm=False, **kw):
+    config = ModelConfig(hidden=4, embed_dim=4, fusion=fusion, groups=2, embedding_norm=embedding_norm)
     model = build_model(config=config, schema=schema, ways=WAYS, **kw).to(torch.float64)
     g = torch.Generator().manual_seed(seed)
     params = initial_parameters(model, generator=g)
@@ -126,10 +126,11 @@ def test_vmap_over_episodes_equals_a_loop(fusion, modality):
         assert_trees_close(index(grads, e), grad(loss)(index(per_episode, e), index(batch, e)))
 
 
+@pytest.mark.parametrize("embedding_norm", [False, True], ids=["raw-embeddings", "normalized-embeddings"])
 @pytest.mark.parametrize("fusion, modality", CASES, ids=CASE_IDS)
-def test_per_example_gradients_equal_gradients_of_each_example_alone(fusion, modality):
+def test_per_example_gradients_equal_gradients_of_each_example_alone(fusion, modality, embedding_norm):
     schema = schema_for(modality)
-    model, params = make_model(fusion, schema)
+    model, params = make_model(fusion, schema, embedding_norm=embedding_norm)
     batch = make_batch(schema, 5, generator=torch.Generator().manual_seed(2))
     loss_of_one = one_example_loss(model)
     per_example = vmap(grad(loss_of_one), in_dims=(None, 0))(params, batch)
@@ -141,14 +142,14 @@ def test_per_example_gradients_equal_gradients_of_each_example_alone(fusion, mod
     assert_trees_close({k: v.sum(0) for k, v in per_example.items()}, total)
     # The record with no modality moves only the head (and nothing is NaN).
     assert all(torch.isfinite(v).all() for v in per_example.values())
-    assert all(torch.all(v[0] == 0) for k, v in per_example.items() if k.startswith("encoders."))
+    assert all(torch.all(v[0] == 0) for k, v in per_example.items() if k.startswith(("encoders.", "embedding_norms.")))
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
-@pytest.mark.parametrize("downsample", ["stride", "pool"])
-def test_nested_vmap_per_example_inside_episodes(fusion, downsample):
+@pytest.mark.parametrize("downsample, embedding_norm", [("stride", False), ("pool", False), ("stride", True)])
+def test_nested_vmap_per_example_inside_episodes(fusion, downsample, embedding_norm):
     """DP-SGD inside vmapped episodes: vmap(vmap(grad(loss_of_one))) equals a double loop."""
-    model, params = make_model(fusion, SPECS, downsample=downsample)
+    model, params = make_model(fusion, SPECS, downsample=downsample, embedding_norm=embedding_norm)
     g = torch.Generator().manual_seed(3)
     episodes, n = 2, 3
     batch = make_batch(SPECS, n, generator=g, lead=(episodes,))
@@ -171,9 +172,10 @@ def test_opacus_module_validator_accepts_the_model(fusion, modality):
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("embedding_norm", [False, True], ids=["raw-embeddings", "normalized-embeddings"])
 @pytest.mark.parametrize("fusion", FUSIONS)
-def test_opacus_grad_samples_equal_vmap_per_example_gradients(fusion):
-    model, params = make_model(fusion, SPECS, head_hidden=3)
+def test_opacus_grad_samples_equal_vmap_per_example_gradients(fusion, embedding_norm):
+    model, params = make_model(fusion, SPECS, head_hidden=3, embedding_norm=embedding_norm)
     model.load_state_dict(params)
     batch = make_batch(SPECS, 6, generator=torch.Generator().manual_seed(4))
     expected = vmap(grad(one_example_loss(model)), in_dims=(None, 0))(params, batch)
