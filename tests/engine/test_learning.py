@@ -21,9 +21,7 @@ minutes of meta-learning reach (see the README).
 
 Every inner loop, at training and at meta-test, starts its linear heads from
 the support's class prototypes (Proto-MAML, ``algorithm.head_init:
-prototypes``), and each modality's embedding is normalized per record
-(``model.embedding_norm``) so that late fusion weighs the modalities on one
-scale; FedAvg trains its shared head as the baseline does and adapts from
+prototypes``); FedAvg trains its shared head as the baseline does and adapts from
 prototypes at meta-test like Reptile. Prints the figures (``pytest -s``).
 """
 
@@ -61,7 +59,6 @@ def short_run(root: Path, algorithm: str, *, ablate: bool) -> dict:
         "algorithm.inner_lr=0.2",
         "model.fusion=late",
         "algorithm.head_init=prototypes",
-        "model.embedding_norm=true",
         "federation.eval_episodes=200",
     ])
     threads = torch.get_num_threads()
