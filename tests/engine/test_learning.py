@@ -94,7 +94,6 @@ def test_fused_modalities_clearly_beat_the_best_single_one(runs):
     assert report["accuracy"] > max(single.values()) + 0.04, single
 
 
-
 def test_raw_input_nearest_neighbour_stays_well_below_the_meta_learned_model(runs):
     report = runs["reptile"]
     assert report["accuracy"] > report["raw_1nn"] + 0.05
