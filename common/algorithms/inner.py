@@ -106,7 +106,10 @@ def prototype_head(model: nn.Module, params: Mapping[str, torch.Tensor], support
                              "heads have a hidden layer (head_hidden > 0): build it with head_hidden=0 "
                              "or use head_init='shared'")
     features, has = head_inputs(model, params, support)  # [B, H, F], [B, H]
-    labels = F.one_hot(support["labels"], model.ways).to(features.dtype) * support["weights"][:, None]  # [B, W]
+    # A comparison, not F.one_hot: one_hot checks its labels' range with a data-dependent
+    # read, which vmap refuses once a gradient transform is inside it (MAML, FOMAML).
+    classes = torch.arange(model.ways, device=features.device)
+    labels = (support["labels"][:, None] == classes).to(features.dtype) * support["weights"][:, None]  # [B, W]
     head = {}
     for h, name in enumerate(model.fusion.head_names):
         members = labels * has[:, h : h + 1].to(features.dtype)  # [B, W]

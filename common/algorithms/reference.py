@@ -15,6 +15,7 @@ from common.algorithms.base import ClientHParams, ClientResult
 from common.algorithms.inner import (
     batch_accuracy,
     batch_loss,
+    head_inputs,
     index_episode,
     lr_part,
     merge_support_query,
@@ -22,6 +23,24 @@ from common.algorithms.inner import (
     num_episodes,
 )
 from common.tree import Tree
+
+
+def prototype_head_reference(model: nn.Module, params: Tree, support: dict) -> Tree:
+    """Proto-MAML's head (Triantafillou et al., ICLR 2020), one class and one head at a time:
+    row ``k`` is ``2 c_k`` and its bias ``-|c_k|^2``, ``c_k`` the weighted mean of what the head
+    sees over the support records of class ``k`` that have its input (zeros for none)."""
+    features, has = head_inputs(model, params, support)  # [B, H, F], [B, H]
+    head = {}
+    for h, name in enumerate(model.fusion.head_names):
+        rows = []
+        for k in range(model.ways):
+            weight = support["weights"] * ((support["labels"] == k) & has[:, h]).to(features.dtype)  # [B]
+            total = (weight[:, None] * features[:, h]).sum(0)
+            rows.append(total / max(float(weight.sum()), 1.0))
+        centres = torch.stack(rows)
+        head[f"fusion.{name}.weight"] = 2.0 * centres
+        head[f"fusion.{name}.bias"] = -(centres * centres).sum(-1)
+    return head
 
 
 def adapt_reference(
@@ -35,10 +54,16 @@ def adapt_reference(
     learning_rates: Tree | None = None,
     alternate_with: dict | None = None,
     optimizer: str = "sgd",
+    head_init: str = "shared",
     beta2: float = 0.999,
     eps: float = 1e-8,
 ) -> Tree:
     adapted = dict(params)
+    if head_init == "prototypes":
+        # Clones, so that each inner gradient is the partial one: the head is a variable of
+        # its own that starts at the prototypes, not a function of the weights it sees.
+        adapted = {k: v.clone() for k, v in params.items()}
+        adapted.update(prototype_head_reference(model, params, support))
     names = list(adapted)
     squares = {k: torch.zeros_like(v) for k, v in adapted.items()}
     for t in range(1, inner_steps + 1):
@@ -66,7 +91,8 @@ def reptile_reference(*, model, params, episodes, hparams: ClientHParams) -> Cli
         episode = index_episode(episodes, i)
         adapted = adapt_reference(model, _requires_grad(params), episode["support"],
                                   inner_steps=loop.inner_steps, inner_lr=loop.inner_lr, first_order=True,
-                                  alternate_with=episode["query"], optimizer=loop.optimizer)
+                                  alternate_with=episode["query"], optimizer=loop.optimizer,
+                                  head_init=loop.head_init)
         total = {k: total[k] + adapted[k].detach() for k in total}
     return ClientResult(params={k: v / n for k, v in total.items()})
 
@@ -91,7 +117,7 @@ def meta_gradient_reference(*, model, params, episode, hparams: ClientHParams) -
     rates = lr_part(leaves) or None
     adapted = adapt_reference(model, model_part(leaves), episode["support"], inner_steps=loop.inner_steps,
                               inner_lr=loop.inner_lr, first_order=loop.first_order, learning_rates=rates,
-                              optimizer=loop.optimizer)
+                              optimizer=loop.optimizer, head_init=loop.head_init)
     loss = batch_loss(model, adapted, episode["query"])
     names = list(leaves)
     grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
