@@ -55,14 +55,25 @@ def train(config: Config, *, task: Task | None = None, log=print, ablate: bool =
         results = [
             task.train_on_site(params, train_sites[i], generator=site_round_generator(fed.seed, r, i)) for i in chosen
         ]
-        delta = tree.weighted_mean([tree.sub(res.params, params) for res in results],
-                                   [res.num_episodes for res in results])
-        params, opt_state = server_opt.apply(params, delta, opt_state, config=config.server_opt,
-                                             round_index=r, total_rounds=fed.rounds)
+        # As the Flower server does: a reply with NaN or Inf weights is dropped, and a
+        # round with none left leaves the model unchanged.
+        for i, res in zip(chosen, results):
+            if not tree.is_finite(res.params):
+                log(f"round {r + 1}: site {train_sites[i].site_id} returned NaN or Inf weights, dropped: its "
+                    "inner loop diverged; lower algorithm.inner_lr or algorithm.client_meta_lr")
+        valid = [res for res in results if tree.is_finite(res.params)]
+        if valid:
+            delta = tree.weighted_mean([tree.sub(res.params, params) for res in valid],
+                                       [res.num_episodes for res in valid])
+            params, opt_state = server_opt.apply(params, delta, opt_state, config=config.server_opt,
+                                                 round_index=r, total_rounds=fed.rounds)
+        else:
+            log(f"round {r + 1}: no valid site update; the model is unchanged")
         # A private site reports its epsilon instead of statistics of its records.
-        losses = [res.metrics["train_loss"] for res in results if "train_loss" in res.metrics]
+        losses = [res.metrics["train_loss"] for res in valid if "train_loss" in res.metrics]
         train_loss = float(np.mean(losses)) if losses else float("nan")
-        record = {"round": r + 1, "train_loss": train_loss, "elapsed": time.perf_counter() - start}
+        record = {"round": r + 1, "train_loss": train_loss, "dropped": len(results) - len(valid),
+                  "elapsed": time.perf_counter() - start}
         epsilons = [res.metrics["epsilon"] for res in results if "epsilon" in res.metrics]
         if epsilons:
             record["epsilon_max"] = max(epsilons)
