@@ -57,11 +57,13 @@ def train(config: Config, *, task: Task | None = None, log=print, ablate: bool =
         ]
         # As the Flower server does: a reply with NaN or Inf weights is dropped, and a
         # round with none left leaves the model unchanged.
+        valid = []
         for i, res in zip(chosen, results):
-            if not tree.is_finite(res.params):
+            if tree.is_finite(res.params):
+                valid.append(res)
+            else:
                 log(f"round {r + 1}: site {train_sites[i].site_id} returned NaN or Inf weights, dropped: its "
                     "inner loop diverged; lower algorithm.inner_lr or algorithm.client_meta_lr")
-        valid = [res for res in results if tree.is_finite(res.params)]
         if valid:
             delta = tree.weighted_mean([tree.sub(res.params, params) for res in valid],
                                        [res.num_episodes for res in valid])

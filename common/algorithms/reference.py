@@ -58,12 +58,13 @@ def adapt_reference(
     beta2: float = 0.999,
     eps: float = 1e-8,
 ) -> Tree:
-    adapted = dict(params)
     if head_init == "prototypes":
         # Clones, so that each inner gradient is the partial one: the head is a variable of
         # its own that starts at the prototypes, not a function of the weights it sees.
         adapted = {k: v.clone() for k, v in params.items()}
         adapted.update(prototype_head_reference(model, params, support))
+    else:
+        adapted = dict(params)
     names = list(adapted)
     squares = {k: torch.zeros_like(v) for k, v in adapted.items()}
     for t in range(1, inner_steps + 1):

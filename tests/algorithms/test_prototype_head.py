@@ -14,8 +14,10 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
+from common import tree
 from common.algorithms import get_algorithm
 from common.algorithms.inner import InnerLoop, adapt, adapt_directions, batch_loss, head_inputs, prototype_head
+from common.algorithms.reference import REFERENCES
 from common.config import ConfigError, load
 from common.models import FUSIONS
 from tests.models.test_models_grad import SPECS, WAYS, assert_trees_close, index, make_batch, make_model
@@ -123,9 +125,6 @@ def test_record_level_dp_refuses_prototype_heads(tmp_path):
 def test_every_meta_learner_with_prototype_heads_equals_its_per_episode_reference(name):
     """The vmapped site update (the query-gradient algorithms differentiate through
     the prototypes inside vmap) equals the plain per-episode loop."""
-    from common import tree
-    from common.algorithms.reference import REFERENCES
-
     model, params = make_model("late", SCHEMA)
     algorithm = get_algorithm(name)
     params = algorithm.init(params, 0.1)
