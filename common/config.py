@@ -145,6 +145,19 @@ class RecordDPConfig:
     # Where sites keep their privacy ledgers: "" = next to each site's data
     # (privacy_ledger.json), so the budget covers every run on those records.
     ledger_dir: str = ""
+    # Declared records per class, a public constant: the DP-SGD divisor is
+    # sample_rate * ways * this (less the query's records for Reptile), never a
+    # count of the site's records. Set it to a typical class size at the sites;
+    # a wrong value only rescales the step. 0 = data.records_per_class.
+    records_per_class: int = 0
+    # Site-side: draw the noise and the Poisson coins from the round's seed
+    # instead of fresh OS entropy. Reproducible, and NOT private (the server
+    # sent the seed); every output of such a run says so.
+    reproducible_noise: bool = False
+
+    def declared_class_size(self, data: DataConfig) -> int:
+        """The per-class record count the DP normalizer assumes."""
+        return self.records_per_class or data.records_per_class
 
 
 @dataclass(frozen=True)
@@ -382,6 +395,16 @@ def validate(config: Config) -> Config:
             f"and model.embed_dim={config.model.embed_dim}"
         )
     rec = config.privacy.record
+    if rec.records_per_class < 0:
+        raise ConfigError(
+            f"privacy.record.records_per_class must be >= 0 (0 = data.records_per_class); got "
+            f"{rec.records_per_class}. Set it to a typical number of records per class at the sites"
+        )
+    if rec.enabled and rec.declared_class_size(config.data) < 1:
+        raise ConfigError(
+            "privacy.record.records_per_class (or data.records_per_class) must be >= 1 under record-level DP: "
+            "it fixes the DP-SGD divisor; set it to a typical number of records per class at the sites"
+        )
     if rec.enabled and not 0.0 < rec.sample_rate <= 1.0:
         raise ConfigError(f"privacy.record.sample_rate must be in (0, 1]; got {rec.sample_rate}")
     for level in ("record", "client"):

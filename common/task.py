@@ -68,6 +68,13 @@ def resolve_schema(config: Config) -> Schema:
     return {m: known[m] for m in config.data.modalities}
 
 
+# A reply metric set to 1 by a site whose DP noise is reproducible from the round's seed.
+REPRODUCIBLE_NOISE_METRIC = "dp_reproducible_noise"
+NOT_PRIVATE_REPRODUCIBLE = (
+    "NOT PRIVATE: privacy.record.reproducible_noise draws the DP noise and coins from the seed the server sent"
+)
+
+
 class PrivacyBudgetExceeded(RuntimeError):
     """A site refuses a round that would take it past its maximum epsilon."""
 
@@ -281,6 +288,45 @@ class Task:
             query_noise_multiplier=rec.noise_multiplier if query else None,
         )
 
+    def record_dp_divisors(self, settings: Mapping[str, Any]) -> tuple[float, float | None]:
+        """The DP-SGD divisors of the support release and (FOMAML, Meta-SGD) the query release.
+
+        Constants of the configuration, never counts of the site's records:
+        ``sample_rate * ways * R`` with ``R`` the declared records per class
+        (``privacy.record.records_per_class``, 0 = ``data.records_per_class``),
+        and for Reptile's support ``R - query_shots`` (its fixed query is taken
+        out of the pool first). Dividing by the expected size of the realised
+        pool (``q`` times the records of the episode's classes) would reveal
+        that count through the noise's scale (the trap of Opacus issues #571
+        and #819). A constant divisor is post-processing of the clipped, noised
+        sum, so the Gaussian mechanism's guarantee under add/remove-one
+        neighbours is unchanged; no record is excluded and the neighbouring
+        relation and the accounting stay as they were. A class larger or smaller
+        than declared only rescales the step (like a different inner_lr).
+        """
+        rec = self.config.privacy.record
+        per_class = rec.declared_class_size(self.config.data)
+        ways = settings["ways"]
+        if self.algorithm.uses_query_gradient:
+            both = rec.sample_rate * ways * per_class
+            return both, both
+        return rec.sample_rate * ways * max(1, per_class - settings["query_shots"]), None
+
+    def record_dp_randomness(self, generator: torch.Generator):
+        """The source of a round's noise and Poisson coins at a site.
+
+        A fresh key from the OS every round (:func:`common.privacy.randomness.fresh_key`):
+        nothing the server sends or knows determines it. Only with
+        ``privacy.record.reproducible_noise`` is the key derived from the seed of
+        ``generator`` (the one the server sent), which makes the run
+        reproducible and NOT private.
+        """
+        from common.privacy.randomness import KeyedStream, fresh_key, reproducible_key
+
+        if self.config.privacy.record.reproducible_noise:
+            return KeyedStream(reproducible_key(generator.initial_seed()), label="record-dp")
+        return KeyedStream(fresh_key(), label="record-dp")
+
     def ledger(self, site):
         from common.privacy.ledger import DEFAULT_FILENAME, PrivacyLedger
 
@@ -299,7 +345,11 @@ class Task:
         first-order (the noised inner gradients are released values) and take
         their meta-steps on :func:`common.algorithms.private.dp_meta_gradient`:
         per-query-record gradients at the adapted weights, clipped to C,
-        summed, noised with sigma*C and divided by the expected query size.
+        summed, noised with sigma*C and divided by a constant
+        (:meth:`record_dp_divisors`).
+
+        ``generator`` (seeded by the server) picks the episodes' classes only;
+        the noise and the coins come from :meth:`record_dp_randomness`.
         """
         from common.algorithms.private import dp_gradient, dp_meta_gradient
         from common.data import sample_poisson_episodes
@@ -316,25 +366,31 @@ class Task:
                 f"{rec.max_epsilon:g}; it refuses to train (ledger: {ledger.path})"
             )
         uses_query = self.algorithm.uses_query_gradient
-        episodes, info = sample_poisson_episodes(
+        secret = self.record_dp_randomness(generator)
+        episodes, _sizes = sample_poisson_episodes(
             site, schema=self.schema, ways=settings["ways"], sample_rate=rec.sample_rate,
             query_shots=settings["query_shots"], num_episodes=settings["episodes"],
             generator=generator, device=self.device, dtype=self.dtype,
-            query_sample_rate=rec.sample_rate if uses_query else None,
+            query_sample_rate=rec.sample_rate if uses_query else None, coins=secret.child("coins"),
         )
         theta = tree.to(dict(params), device=self.device, dtype=self.dtype)
         inner_steps = settings["inner_steps"]
+        noise_source = secret.child("noise")
+        support_divisor, query_divisor = self.record_dp_divisors(settings)
+        num_episodes = settings["episodes"]
         noise = draw_standard_noise(
-            inner.model_part(theta), generator=generator, leading_shape=(settings["episodes"], max(1, inner_steps))
+            inner.model_part(theta), generator=noise_source, leading_shape=(num_episodes, max(1, inner_steps))
         )
         episodes["support"]["dp_noise"] = tree.to(noise, device=self.device, dtype=self.dtype)
-        episodes["support"]["dp_expected"] = info["expected_support_size"].to(device=self.device, dtype=self.dtype)
+        episodes["support"]["dp_expected"] = torch.full((num_episodes,), support_divisor, device=self.device,
+                                                        dtype=self.dtype)
         extra = {}
         if uses_query:
             # One draw per sent parameter (Meta-SGD's rates included) and episode, after the support's.
-            query_noise = draw_standard_noise(theta, generator=generator, leading_shape=(settings["episodes"],))
+            query_noise = draw_standard_noise(theta, generator=noise_source, leading_shape=(num_episodes,))
             episodes["query"]["dp_noise"] = tree.to(query_noise, device=self.device, dtype=self.dtype)
-            episodes["query"]["dp_expected"] = info["expected_query_size"].to(device=self.device, dtype=self.dtype)
+            episodes["query"]["dp_expected"] = torch.full((num_episodes,), query_divisor, device=self.device,
+                                                          dtype=self.dtype)
             extra["meta_gradient"] = dp_meta_gradient(self.model, clip_norm=rec.clip_norm,
                                                       noise_multiplier=rec.noise_multiplier)
         hparams = self.hparams(settings, train_on_query=False, first_order=True)
@@ -343,20 +399,24 @@ class Task:
             model=self.model, params=theta, episodes=episodes, hparams=hparams, gradient=gradient, **extra
         )
         epsilon = ledger.record(run_id=str(round_config.get("run_id", "")), round=int(round_config.get("round", 0)),
-                                steps=steps, max_epsilon=rec.max_epsilon)
+                                steps=steps, max_epsilon=rec.max_epsilon,
+                                not_private=NOT_PRIVATE_REPRODUCIBLE if rec.reproducible_noise else "")
         # Only the noised weights and the accounting leave the site: its
         # losses and accuracies are statistics of the records, not privatized.
+        metrics = {
+            "epsilon": float(epsilon),
+            "delta": rec.delta,
+            "noise_multiplier": rec.noise_multiplier,
+            "clip_norm": rec.clip_norm,
+            "sample_rate": rec.sample_rate,
+            "dp_steps": float(sum(count for _, _, count in steps)),
+        }
+        if rec.reproducible_noise:
+            metrics[REPRODUCIBLE_NOISE_METRIC] = 1.0
         return TrainResult(
             params={k: v.detach().cpu() for k, v in result.params.items()},
             num_episodes=settings["episodes"],
-            metrics={
-                "epsilon": float(epsilon),
-                "delta": rec.delta,
-                "noise_multiplier": rec.noise_multiplier,
-                "clip_norm": rec.clip_norm,
-                "sample_rate": rec.sample_rate,
-                "dp_steps": float(sum(count for _, _, count in steps)),
-            },
+            metrics=metrics,
         )
 
     # ------------------------------------------------------------ evaluation

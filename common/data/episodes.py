@@ -103,9 +103,16 @@ def _gather(
     }
 
 
-def _randperm_rows(keys_shape: tuple[int, ...], counts: np.ndarray, generator: torch.Generator) -> np.ndarray:
+def _uniform(source, shape: tuple[int, ...]) -> np.ndarray:
+    """Float64 uniforms in [0, 1) from a ``torch.Generator`` or a keyed stream (``.uniform``)."""
+    if isinstance(source, torch.Generator):
+        return torch.rand(shape, generator=source, dtype=torch.float64).numpy()
+    return source.uniform(shape).numpy()
+
+
+def _randperm_rows(keys_shape: tuple[int, ...], counts: np.ndarray, generator) -> np.ndarray:
     """Per row, a uniformly random order of the positions ``0..count-1`` (invalid positions last)."""
-    keys = torch.rand(keys_shape, generator=generator, dtype=torch.float64).numpy()
+    keys = _uniform(generator, keys_shape)
     width = keys_shape[-1]
     keys[np.arange(width) >= counts[..., None]] = 2.0  # past the end: sort last
     return np.argsort(keys, axis=-1, kind="stable")
@@ -187,6 +194,7 @@ def sample_poisson_episodes(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     query_sample_rate: float | None = None,
+    coins=None,
 ) -> tuple[dict, dict]:
     """Episodes whose support set is a Poisson sample of the site's records (for record-level DP).
 
@@ -230,13 +238,23 @@ def sample_poisson_episodes(
     separately and the accountant composes the two. The query is padded like
     the support (to ``max(1, largest query)``, weight 0).
 
+    Randomness: ``generator`` picks the classes (1) only; everything that
+    looks at records (the query's order (2) and every coin (3)) comes from
+    ``coins``, a :class:`~common.privacy.randomness.KeyedStream` (or anything
+    with ``uniform(shape)``). Under record-level DP ``coins`` must be a secret
+    of the site's: whoever can rebuild the coins knows which records are in
+    each sample, and amplification by subsampling is void. With ``coins=None``
+    everything is drawn from ``generator`` (reproducible, not secret).
+
     Returns ``(batch, info)``: ``batch`` is ``{"support", "query"}`` as in
     :func:`sample_episodes` (support ``[E, L]``, query ``[E, ways*query_shots]``,
     or ``[E, L_q]`` when the query is Poisson-sampled); ``info`` holds
     ``expected_support_size`` (``sample_rate`` times the number of candidates,
     per episode, dtype ``dtype``) and ``support_size`` (actual sizes, int64),
     both ``[E]``, and with a Poisson query also ``expected_query_size`` and
-    ``query_size``.
+    ``query_size``. These sizes count the site's records: they are for
+    inspection, never a DP normalizer (the divisor must not depend on the data,
+    see :meth:`common.task.Task.record_dp_divisors`).
     """
     if not 0.0 <= sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
@@ -262,7 +280,8 @@ def sample_poisson_episodes(
     table, counts = _padded_class_index(site, all_classes)
     width = table.shape[1]
     n_c = counts[chosen]  # [E, ways]
-    order = _randperm_rows((e, ways, width), n_c, generator)
+    coins = generator if coins is None else coins
+    order = _randperm_rows((e, ways, width), n_c, coins)
     records = table[chosen[..., None], order]  # [E, ways, width], valid where position < n_c
     pos = np.arange(width)
     flat_records = records.reshape(e, ways * width)
@@ -270,8 +289,8 @@ def sample_poisson_episodes(
 
     def poisson_part(candidate: np.ndarray, rate: float) -> tuple[dict, np.ndarray, np.ndarray]:
         """Every candidate record with its own coin at ``rate``; padded batch, sizes, candidate counts."""
-        coins = torch.rand((e, ways, width), generator=generator, dtype=torch.float64).numpy() < rate
-        included = (candidate & coins).reshape(e, ways * width)
+        flips = _uniform(coins, (e, ways, width)) < rate
+        included = (candidate & flips).reshape(e, ways * width)
         sizes = included.sum(axis=1)
         length = max(1, int(sizes.max()))
         first = np.argsort(~included, axis=1, kind="stable")[:, :length]  # included records first, in order

@@ -6,6 +6,7 @@
   accountants and the rules that say what each round costs.
 * :mod:`.planner` -- the noise multiplier for a target epsilon, and a summary.
 * :mod:`.ledger` -- a site's spent budget, kept in a JSON file across runs.
+* :mod:`.randomness` -- secret, keyed draws for noise and sampling coins.
 
 Names are loaded from their module on first use, so importing the package (or
 just :mod:`.clipping`) does not pay for importing Opacus.
@@ -42,6 +43,7 @@ _EXPORTS = {
         "plan_sigma_for_steps",
     ),
     "ledger": ("BudgetExceeded", "PrivacyLedger", "PrivacyLedgerError"),
+    "randomness": ("KeyedStream", "fresh_key", "reproducible_key"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

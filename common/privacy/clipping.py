@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from common.privacy.randomness import KeyedStream
+
 Tree = dict[str, torch.Tensor]
 
 # Opacus adds this to the per-example norm before dividing (DPOptimizer.clip_and_accumulate).
@@ -183,7 +185,7 @@ def private_gradient(
 def draw_standard_noise(
     params_like: Mapping[str, torch.Tensor],
     *,
-    generator: torch.Generator,
+    generator: torch.Generator | KeyedStream,
     leading_shape: tuple[int, ...] | torch.Size = (),
 ) -> Tree:
     """N(0, 1) draws shaped like each parameter, with ``leading_shape`` in front.
@@ -192,15 +194,22 @@ def draw_standard_noise(
     device, then moved to the parameter's), so a seed gives the same noise
     whatever order the tree was built in. Use ``leading_shape=(E,)`` for a batch
     of ``E`` episodes, ``(E, k)`` for ``k`` inner steps each.
+
+    A :class:`~common.privacy.randomness.KeyedStream` is the source a private
+    release needs (its draws cannot be rebuilt without its key); a seeded
+    ``torch.Generator`` is for tests and oracles.
     """
     if generator is None:
-        raise ValueError("draw_standard_noise needs a seeded torch.Generator (generator=...)")
+        raise ValueError("draw_standard_noise needs a generator (a KeyedStream, or a seeded torch.Generator)")
     leading = tuple(int(s) for s in leading_shape)
     drawn: Tree = {}
     for k in sorted(params_like):
         v = params_like[k]
         dtype = v.dtype if v.is_floating_point() else torch.get_default_dtype()
-        z = torch.randn(leading + tuple(v.shape), generator=generator, dtype=dtype, device=generator.device)
+        if isinstance(generator, KeyedStream):
+            z = generator.standard_normal(leading + tuple(v.shape), dtype=dtype)
+        else:
+            z = torch.randn(leading + tuple(v.shape), generator=generator, dtype=dtype, device=generator.device)
         drawn[k] = z.to(v.device)
     return {k: drawn[k] for k in params_like}
 
@@ -241,7 +250,7 @@ def noisy_mean_of_clipped(
     clip_norm: float,
     noise_multiplier: float,
     expected_clients: float,
-    generator: torch.Generator,
+    generator: torch.Generator | KeyedStream,
     template: Mapping[str, torch.Tensor] | None = None,
 ) -> Tree:
     """DP-FedAvg's noisy average: ``(sum_i clip_S(delta_i) + N(0, (z S)^2)) / expected_clients``.

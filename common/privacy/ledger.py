@@ -252,8 +252,12 @@ class PrivacyLedger:
         round: int,
         steps: Sequence[Sequence[Any]],
         max_epsilon: float = math.inf,
+        not_private: str = "",
     ) -> float:
         """Account one round's releases, save the ledger, and return epsilon after it.
+
+        ``not_private`` (why the releases give no guarantee, e.g. noise the
+        server can rebuild) is written into the entry, so the ledger says so.
 
         The file is re-read under an exclusive lock first, so releases recorded
         meanwhile by another run on the same site are kept and counted. With
@@ -280,6 +284,8 @@ class PrivacyLedger:
                 "epsilon": eps_after,
                 "timestamp": _now(),
             }
+            if not_private:
+                entry["not_private"] = str(not_private)
             entries = self._entries + [entry]
             data = {
                 "format": FORMAT,

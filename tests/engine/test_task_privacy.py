@@ -75,16 +75,25 @@ def test_site_refuses_a_round_past_its_budget_and_keeps_its_ledger(bench, tmp_pa
     assert (site_dir / "privacy_ledger.json").read_bytes() == ledger_bytes
 
 
-def test_private_update_moves_the_weights_and_is_reproducible(bench, tmp_path):
+def test_private_update_moves_the_weights_and_is_reproducible_only_when_asked(bench, tmp_path):
     site_dir = _site_copy(bench, tmp_path)
-    config = _config(bench, **{"privacy.record.ledger_dir": str(tmp_path / "ledgers")})
+    config = _config(bench, **{"privacy.record.ledger_dir": str(tmp_path / "ledgers"),
+                               "privacy.record.reproducible_noise": True})
     task = Task(config)
     params = task.initial_parameters(seed=0)
     site = task.load_site(site_dir)
-    a = task.train_on_site(params, site, generator=torch.Generator().manual_seed(7)).params
-    b = task.train_on_site(params, site, generator=torch.Generator().manual_seed(7)).params
-    assert tree.max_abs_diff(a, b) == 0.0
-    assert tree.max_abs_diff(a, params) > 0
+    a = task.train_on_site(params, site, generator=torch.Generator().manual_seed(7))
+    b = task.train_on_site(params, site, generator=torch.Generator().manual_seed(7))
+    assert tree.max_abs_diff(a.params, b.params) == 0.0
+    assert tree.max_abs_diff(a.params, params) > 0
+    assert a.metrics["dp_reproducible_noise"] == 1.0  # the reply says the noise is not secret
+    assert all("NOT PRIVATE" in e["not_private"] for e in task.ledger(site).entries)
+    # The default: the same seed, fresh noise from the OS every round.
+    private = Task(_config(bench, **{"privacy.record.ledger_dir": str(tmp_path / "ledgers")}))
+    c = private.train_on_site(params, site, generator=torch.Generator().manual_seed(7))
+    d = private.train_on_site(params, site, generator=torch.Generator().manual_seed(7))
+    assert tree.max_abs_diff(c.params, d.params) > 0 and "dp_reproducible_noise" not in c.metrics
+    assert "not_private" not in private.ledger(site).entries[-1]
     assert (tmp_path / "ledgers" / f"{site.site_id}.json").is_file()
     assert not (site_dir / "privacy_ledger.json").exists()
 
