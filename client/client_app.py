@@ -30,9 +30,10 @@ def _error_reply(msg: Message, ref: sites.SiteRef | None, err: Exception) -> Mes
 
 
 def _metrics(num_episodes: int, metrics: dict[str, float]) -> MetricRecord:
+    # NaN is dropped; an infinite value (epsilon = inf: no guarantee) is reported as such.
     record = MetricRecord({wire.NUM_EXAMPLES: int(num_episodes)})
     for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
             record[key] = float(value)
     return record
 

@@ -37,6 +37,7 @@ from client import wire
 from common import tree
 from common.algorithms import server_opt
 from common.config import Config, ConfigError, save, to_dict
+from common.task import NOT_PRIVATE_REPRODUCIBLE, REPRODUCIBLE_NOISE_METRIC
 from server import checkpoint
 from server.aggregation import make_aggregator
 from server.state import STREAM_META_TEST, ServerState, derived_seed
@@ -86,7 +87,7 @@ LOSS_KEYS = ("query_loss", "train_loss", "support_loss", "loss")
 
 
 def format_progress(line: dict[str, Any], total: int, *, eta: float | None) -> str:
-    """One status line: round, sites, train loss, last meta-test accuracy, time."""
+    """One status line: round, sites, train loss, last meta-test accuracy, epsilon, time."""
     r = line["round"]
     train = line.get("train", {})
     loss = next((train[k] for k in LOSS_KEYS if isinstance(train.get(k), float)), None)
@@ -98,10 +99,51 @@ def format_progress(line: dict[str, Any], total: int, *, eta: float | None) -> s
         + (f" ({line['sites_invalid']} invalid)" if line["sites_invalid"] else ""),
         f"train loss {loss:.4f}" if isinstance(loss, float) else "train loss -",
         f"meta-test acc {acc:.3f}" if isinstance(acc, float) else "meta-test acc -",
+    ]
+    if isinstance(train.get("epsilon_max"), float):
+        parts.append(f"record epsilon max {_epsilon(train['epsilon_max'])}")
+    client_epsilon = line.get("privacy", {}).get("client_epsilon")
+    if isinstance(client_epsilon, float):
+        parts.append(f"client epsilon {_epsilon(client_epsilon)}")
+    if line.get("not_private"):
+        parts.append("NOT PRIVATE (reproducible DP noise)")
+    parts += [
         f"elapsed {_clock(line['elapsed'])}",
         f"ETA {_clock(eta)}" if eta is not None else "ETA -",
     ]
     return " | ".join(parts)
+
+
+def _epsilon(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.3g}"
+
+
+def privacy_summary(history: list[dict[str, Any]], config: Config) -> dict[str, Any] | None:
+    """What summary.json says about privacy: the worst epsilons over the run, and whether it is private.
+
+    ``record_epsilon_max`` is the largest any site reported (infinity when a
+    site has no guarantee); ``client_epsilon`` the server's after the last
+    round. ``private`` is False when an epsilon is infinite or the run used
+    reproducible DP noise (``not_private`` says why).
+    """
+    record = [line["train"]["epsilon_max"] for line in history if "epsilon_max" in line.get("train", {})]
+    client = [line["privacy"]["client_epsilon"] for line in history if "client_epsilon" in line.get("privacy", {})]
+    dp = config.privacy
+    if not (record or client or dp.record.enabled or dp.client.enabled):
+        return None
+    report: dict[str, Any] = {}
+    if record or dp.record.enabled:
+        report["record_epsilon_max"] = max(record) if record else None
+        report["record_delta"] = dp.record.delta
+    if client or dp.client.enabled:
+        report["client_epsilon"] = client[-1] if client else None
+        report["client_delta"] = dp.client.delta
+    reasons = sorted({line["not_private"] for line in history if line.get("not_private")})
+    if reasons:
+        report["not_private"] = "; ".join(reasons)
+    epsilons = [v for v in (report.get("record_epsilon_max"), report.get("client_epsilon")) if v is not None]
+    report["private"] = not reasons and bool(epsilons) and all(math.isfinite(v) for v in epsilons)
+    return report
 
 
 def _clock(seconds: float | None) -> str:
@@ -197,6 +239,8 @@ class MetaRun:
             line["federated_eval"] = rec["federated_eval"]
         if "privacy" in rec:
             line["privacy"] = rec["privacy"]
+        if line["train"].get(REPRODUCIBLE_NOISE_METRIC, 0.0) > 0 or self.config.privacy.record.reproducible_noise:
+            line["not_private"] = NOT_PRIVATE_REPRODUCIBLE
         last_acc = self._last_accuracy(self.state.history + [line])
         line["last_meta_test_accuracy"] = last_acc
         self.state.elapsed = self.elapsed_before + (time.time() - self.session_start)
@@ -304,6 +348,7 @@ class MetaRun:
             "rounds": self.state.round,
             "algorithm": self.config.algorithm.name,
             "final_meta_test": final,
+            **({"privacy": privacy} if (privacy := privacy_summary(self.state.history, self.config)) else {}),
             "wall_time_s": self.state.elapsed,
             "session_time_s": time.time() - self.session_start,
             "paths": {

@@ -312,7 +312,8 @@ class MetaStrategy(FedAvg):
             return f"'{wire.NUM_EXAMPLES}' must be an integer in [1, {episodes_sent}] (episodes sent), got {n!r}"
         scalars = {
             k: float(v) for k, v in metrics.items()
-            if k != wire.NUM_EXAMPLES and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if k != wire.NUM_EXAMPLES and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and (math.isfinite(v) or (k == "epsilon" and v == math.inf))  # no guarantee must show, not vanish
         }
         return phi, n, scalars
 

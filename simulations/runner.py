@@ -140,6 +140,9 @@ def simulate(config: Config, *, resume_dir: str | Path | None = None, verbose: b
         ci = final.get("ci95")
         ci_text = f" ± {ci:.3f}" if isinstance(ci, (int, float)) else ""
         print(f"held-out accuracy after round {final['round']}: {final['accuracy']:.3f}{ci_text} (95% CI)")
+    privacy = summary.get("privacy") or {}
+    if privacy.get("not_private"):
+        print(f"warning: this run is {privacy['not_private']}", flush=True)
     print(f"done in {summary['wall_time_s']:.1f}s: {run_dir}", flush=True)
     return 0
 
