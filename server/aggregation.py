@@ -71,16 +71,20 @@ class WeightedMean:
     last: dict[str, float] = {}
 
 
-def make_aggregator(config: Config) -> Aggregator:
+def make_aggregator(config: Config, *, secret_key: bytes | None = None) -> Aggregator:
     """Client-level DP (:mod:`server.dp_aggregation`) when ``privacy.client.enabled``, else the weighted mean.
 
     The accountant's sampling rate is ``federation.fraction`` under Poisson
     sampling of sites; with a fixed number of sites per round no amplification
-    by sampling holds, and each round is accounted at ``q = 1``.
+    by sampling holds, and each round is accounted at ``q = 1``. The noise is
+    drawn with ``secret_key`` (the run's :attr:`server.state.ServerState.secret_key`).
     """
     dp = config.privacy.client
     if not dp.enabled:
         return WeightedMean()
+    if secret_key is None:
+        raise ValueError("client-level DP needs the server's secret key: make_aggregator(config, "
+                         "secret_key=state.secret_key)")
     from server.dp_aggregation import ClientLevelDP
 
     fed = config.federation
@@ -92,5 +96,5 @@ def make_aggregator(config: Config) -> Aggregator:
     return ClientLevelDP(
         clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
         sample_rate=fed.fraction if fed.poisson else 1.0, delta=dp.delta, accountant=dp.accountant,
-        seed=fed.seed,
+        secret_key=secret_key,
     )

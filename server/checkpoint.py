@@ -2,9 +2,16 @@
 
 Layout, under a run directory::
 
-    checkpoints/round-000004/state.pt    global parameters, optimizer tensors, torch RNG state
+    checkpoints/round-000004/state.pt    global parameters, optimizer tensors, torch RNG state,
+                                         the server's secret key (SECRET: file mode 0600)
     checkpoints/round-000004/state.json  round, optimizer scalars, aggregator state,
                                          metrics so far, resolved config, seeds
+
+``state.pt`` holds the key of the client-level DP noise and site sampling
+(:attr:`server.state.ServerState.secret_key`): whoever reads it can rebuild
+that noise and subtract it from the released models. Keep checkpoints where
+only the server's operator can read them; share ``final_params.pt``, the
+metrics and the config instead.
 
 A checkpoint directory is written under a temporary name, flushed, and renamed
 into place with ``os.replace``: a directory named ``round-*`` is always complete.
@@ -52,7 +59,10 @@ def save(run_dir: str | Path, state: ServerState, *, config: dict[str, Any], kee
         tensors.update({f"params/{k}": v.detach().cpu().contiguous() for k, v in state.params.items()})
         tensors.update({f"opt/{k}": v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
         tensors["rng/torch"] = torch.get_rng_state()
-        torch.save(tensors, tmp / "state.pt")
+        tensors["secret/key"] = torch.frombuffer(bytearray(state.secret_key), dtype=torch.uint8).clone()
+        # Created 0600 before anything is written: the key is never readable by others.
+        with os.fdopen(os.open(tmp / "state.pt", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            torch.save(tensors, f)
         meta = {
             "format": FORMAT,
             "round": state.round,
@@ -66,6 +76,7 @@ def save(run_dir: str | Path, state: ServerState, *, config: dict[str, Any], kee
                 "scheme": "per-round draws derive from (federation.seed, round, stream[, site id])",
                 "seed": config.get("federation", {}).get("seed"),
                 "torch_global": "rng/torch in state.pt",
+                "client_dp": "noise and Poisson site sampling from the secret key secret/key in state.pt",
             },
         }
         (tmp / "state.json").write_text(json.dumps(meta, indent=1, allow_nan=True))
@@ -116,6 +127,8 @@ def load(path: str | Path) -> tuple[ServerState, dict[str, Any]]:
         aggregator_state=dict(meta.get("aggregator_state") or {}),
         elapsed=float(meta.get("elapsed", 0.0)),
     )
+    if "secret/key" in tensors:
+        state.secret_key = bytes(tensors["secret/key"].numpy().tobytes())
     if "rng/torch" in tensors:
         torch.set_rng_state(tensors["rng/torch"])
     return state, meta["config"]

@@ -13,17 +13,19 @@ sampled or none replied, because the noise is released anyway.
 
 Threat model: this protects a site's participation from everyone who sees the
 global model; the server itself still sees each site's update in the clear.
+The noise comes from the server's secret key (a
+:class:`~common.privacy.randomness.KeyedStream` per round), which nothing
+public determines: noise derived from ``federation.seed`` could be rebuilt from
+config.yaml and subtracted from two consecutive global models.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import torch
-
 from common.privacy.accounting import PrivacyAccountant
 from common.privacy.clipping import noisy_mean_of_clipped, reject_non_finite
+from common.privacy.randomness import KeyedStream
 from common.tree import Tree
 
 
@@ -38,20 +40,19 @@ class ClientLevelDP:
         sample_rate: float,
         delta: float,
         accountant: str = "rdp",
-        seed: int = 0,
+        secret_key: bytes,
     ) -> None:
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.sample_rate = sample_rate
         self.delta = delta
-        self.seed = seed
+        self._secret_key = secret_key
         self.accountant = PrivacyAccountant(kind=accountant)
         self.last: dict[str, float] = {}
 
-    def _generator(self, server_round: int) -> torch.Generator:
-        # Noise depends on (seed, round) only, so a resumed run draws the same noise.
-        state = np.random.SeedSequence([self.seed, server_round, 0xD9]).generate_state(1, dtype=np.uint64)[0]
-        return torch.Generator().manual_seed(int(state))
+    def _generator(self, server_round: int) -> KeyedStream:
+        # Noise depends on (secret key, round) only, so a resumed run draws the same noise.
+        return KeyedStream(self._secret_key, label=f"client-noise/round-{int(server_round)}")
 
     def aggregate(
         self,

@@ -305,7 +305,7 @@ class MetaRun:
             expected = len(site_dirs.train_site_dirs(config.data.root)) or fed.min_sites
         self.strategy = MetaStrategy(
             config, self.state, expected_nodes=expected, round_offset=self.state.round,
-            federated_eval=federated_eval, run_id=self.run_dir.name, aggregator=make_aggregator(config),
+            federated_eval=federated_eval, run_id=self.run_dir.name, aggregator=make_aggregator(config, secret_key=self.state.secret_key),
         )
         self.first_round = self.state.round + 1
         self.round_start = self.session_start = time.time()

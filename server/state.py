@@ -8,9 +8,17 @@ metrics so far. :mod:`server.checkpoint` writes and reads it.
 
 No randomness is carried from one round to the next: site sampling in round
 ``r`` uses ``numpy.random.default_rng([seed, r, stream])`` and the generator a
-site draws its episodes with in round ``r`` is seeded from
+site draws its episodes' classes with in round ``r`` is seeded from
 ``(seed, r, site id)``. A resumed run therefore makes the same draws as an
 uninterrupted one.
+
+The draws client-level DP relies on (the server's noise, and the Poisson
+sampling of sites that amplification assumes) come instead from
+``secret_key``: 32 bytes from the OS, drawn when the run starts, never derived
+from the config. It is a secret of the server's and is stored only in the
+run's checkpoints (``state.pt``, file mode 0600), so that a resumed run draws
+the same noise; it is never written to config.yaml, metrics.jsonl or
+summary.json.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from common.algorithms.server_opt import OptState
+from common.privacy.randomness import fresh_key
 from common.tree import Tree
 
 # Independent random streams within one round.
@@ -39,6 +48,8 @@ class ServerState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics line per round
     aggregator_state: dict[str, Any] = field(default_factory=dict)  # JSON-able
     elapsed: float = 0.0  # wall seconds spent in rounds so far, over all sessions
+    # The key of the client-level DP noise and site sampling: secret (see above).
+    secret_key: bytes = field(default_factory=fresh_key, repr=False)
 
 
 def round_rng(seed: int, server_round: int, stream: int) -> np.random.Generator:

@@ -42,6 +42,7 @@ from client import wire
 from common import tree
 from common.algorithms import server_opt
 from common.config import Config
+from common.privacy.randomness import KeyedStream
 from server.aggregation import Aggregator, WeightedMean
 from server.state import (
     STREAM_EVAL_SAMPLING,
@@ -62,23 +63,34 @@ def is_due(server_round: int, every: int, total: int) -> bool:
 
 
 def sample_sites(
-    sites: list[tuple[str, int]], config: Config, server_round: int, stream: int = STREAM_TRAIN_SAMPLING
+    sites: list[tuple[str, int]], config: Config, server_round: int, stream: int = STREAM_TRAIN_SAMPLING,
+    *, secret_key: bytes | None = None,
 ) -> list[tuple[str, int]]:
     """Pick this round's ``(site id, node id)`` pairs; ``sites`` must be sorted.
 
-    Deterministic in ``(federation.seed, server_round, stream)`` and the list of sites.
+    Deterministic in ``(federation.seed, server_round, stream)`` and the list of
+    sites, except for training under client-level DP: there the draws come from
+    the server's ``secret_key``, since amplification by sampling holds only if
+    nobody who sees the models can tell which sites were sampled.
     """
     fed = config.federation
     n = len(sites)
     if n == 0:
         return []
+    k = expected_count(config, n)
+    if config.privacy.client.enabled and stream == STREAM_TRAIN_SAMPLING:
+        if secret_key is None:
+            raise ValueError("client-level DP samples sites with the server's secret key: pass secret_key=")
+        keys = KeyedStream(secret_key, label=f"site-sampling/round-{int(server_round)}").uniform((n,)).numpy()
+        if fed.poisson:
+            return [s for s, key in zip(sites, keys) if key < fed.fraction]
+        return [sites[i] for i in np.sort(np.argsort(keys, kind="stable")[:k])]  # k distinct sites, uniformly
     rng = round_rng(fed.seed, server_round, stream)
     if fed.poisson:
         # Each site independently with probability q = fraction: the sampling that
         # privacy amplification by subsampling assumes. The count varies (may be 0).
         keep = rng.random(n) < fed.fraction
         return [s for s, k in zip(sites, keep) if k]
-    k = expected_count(config, n)
     chosen = np.sort(rng.choice(n, size=k, replace=False))
     return [sites[i] for i in chosen]
 
@@ -263,7 +275,7 @@ class MetaStrategy(FedAvg):
     ) -> Iterable[Message]:
         r = self.true_round(server_round)
         sites = self.discover(grid)
-        chosen = sample_sites(sites, self.config, r, STREAM_TRAIN_SAMPLING)
+        chosen = sample_sites(sites, self.config, r, STREAM_TRAIN_SAMPLING, secret_key=self.state.secret_key)
         rec = self.record(r)
         rec["sites_sampled"] = len(chosen)
         rec["sites_available"] = len(sites)

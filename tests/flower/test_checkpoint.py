@@ -79,3 +79,19 @@ def test_per_round_randomness_depends_only_on_seed_round_and_site():
     assert len({derived_seed(1, r, 0, s) for r in range(5) for s in "abc"}) == 15
     assert derived_seed(1, 2, 0, "a") < 2**63
     assert round_rng(5, 3, 0).random() == round_rng(5, 3, 0).random()
+
+
+def test_the_servers_secret_key_is_kept_only_in_the_owner_readable_tensor_file(tmp_path):
+    import os
+    import stat
+
+    state = adam_state()
+    assert len(state.secret_key) == 32 and state.secret_key != adam_state().secret_key  # fresh per run
+    path = checkpoint.save(tmp_path, state, config={"federation": {"seed": 3}})
+    assert stat.S_IMODE(os.stat(path / "state.pt").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0  # the folder too
+    loaded, _ = checkpoint.load(path)
+    assert loaded.secret_key == state.secret_key
+    text = (path / "state.json").read_text()
+    assert state.secret_key.hex() not in text and str(list(state.secret_key)) not in text
+    assert state.secret_key.hex() not in repr(state)

@@ -165,3 +165,63 @@ def test_the_progress_line_shows_both_epsilons():
             "train": {"epsilon_max": 1.2345}, "privacy": {"client_epsilon": math.inf}, "elapsed": 3.0}
     text = format_progress(line, 5, eta=None)
     assert "record epsilon max 1.23" in text and "client epsilon inf" in text and "NOT PRIVATE" not in text
+
+
+# ------------------------------------------------------------------ client level
+
+
+def client_dp_strategy(num_sites, dim):
+    from common.algorithms import server_opt
+    from common.config import from_dict
+    from server.aggregation import make_aggregator
+    from server.state import ServerState
+    from server.strategy import MetaStrategy
+    from tests.flower.test_strategy import FakeGrid
+
+    config = from_dict({}, {
+        "server_opt.name": "sgd", "server_opt.lr": 1.0, "federation.fraction": 0.5, "federation.poisson": True,
+        "federation.seed": 4, "privacy.client.enabled": True, "privacy.client.noise_multiplier": 1.0,
+        "privacy.client.clip_norm": 1.0,
+    })
+    params = {"w": torch.zeros(dim)}
+    state = ServerState(params=params, opt_state=server_opt.init_state(params, config=config.server_opt))
+    strategy = MetaStrategy(config, state, expected_nodes=num_sites, discovery_timeout=1.0,
+                            aggregator=make_aggregator(config, secret_key=state.secret_key))
+    return config, strategy, FakeGrid(num_sites)
+
+
+def noise_derived_from_config(config, server_round, like):
+    """How the server's noise and sampling were drawn from ``federation.seed``: what config.yaml gives away."""
+    from common.privacy.clipping import draw_standard_noise
+    from server.state import STREAM_TRAIN_SAMPLING, round_rng
+
+    seed = config.federation.seed
+    state = np.random.SeedSequence([seed, server_round, 0xD9]).generate_state(1, dtype=np.uint64)[0]
+    noise = draw_standard_noise(like, generator=torch.Generator().manual_seed(int(state)))
+    return noise, round_rng(seed, server_round, STREAM_TRAIN_SAMPLING)
+
+
+def test_the_public_config_does_not_give_away_the_client_level_noise_or_sampling():
+    """Finding 2: with config.yaml and two consecutive global models, the sum of the clipped updates stays hidden."""
+    from common.privacy.clipping import clip_update
+    from tests.flower.test_strategy import reply, send
+
+    config, strategy, grid = client_dp_strategy(num_sites=200, dim=4000)
+    theta0 = {k: v.clone() for k, v in strategy.state.params.items()}
+    sent = send(strategy, grid, 1)
+    updates = {node: {"w": torch.randn(4000, generator=torch.Generator().manual_seed(node)) * 0.05}
+               for node in sent}
+    strategy.aggregate_train(1, [reply(m, {"w": updates[n]["w"].numpy()}, 4) for n, m in sent.items()])
+    theta1 = strategy.state.params
+    true_sum = sum(clip_update(u, clip_norm=1.0)[0]["w"] for u in updates.values())
+
+    # The adversary: theta1 - theta0 = (sum + z * S * noise) / (q * N), noise rebuilt from federation.seed.
+    noise, sampling = noise_derived_from_config(config, 1, theta0)
+    expected = config.federation.fraction * 200
+    recovered = (theta1["w"] - theta0["w"]) * expected - 1.0 * 1.0 * noise["w"]
+    noise_norm = float(torch.linalg.vector_norm(noise["w"]))  # ~ sqrt(4000), as the real noise's
+    residual = float(torch.linalg.vector_norm(recovered - true_sum))
+    assert residual > 0.5 * noise_norm, (residual, noise_norm)
+    # ... nor which sites took part (what amplification by sampling hides).
+    predicted = {site for site, keep in zip(sorted(grid.nodes.values()), sampling.random(200) < 0.5) if keep}
+    assert {grid.nodes[n] for n in sent} != predicted

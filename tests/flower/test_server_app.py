@@ -149,3 +149,28 @@ def test_client_level_dp_run_reports_cumulative_epsilon(config, tmp_path):
     assert all(line["privacy"]["client_sample_rate"] == 0.6 for line in lines)
     state, _ = checkpoint.load_latest(tmp_path / "run")
     assert sum(count for _, _, count in state.aggregator_state["accountant"]["history"]) == 2
+
+
+def test_client_level_dp_resumes_bit_identically_and_keeps_its_key_out_of_shared_files(config, tmp_path):
+    """The noise key lives in the checkpoints only; the resumed run draws the same noise and sampling."""
+    private = dataclasses.replace(
+        config,
+        federation=dataclasses.replace(config.federation, rounds=3, fraction=0.6, poisson=True, eval_every=3,
+                                       checkpoint_every=2),
+        privacy=dataclasses.replace(
+            config.privacy, client=dataclasses.replace(config.privacy.client, enabled=True, noise_multiplier=1.1)),
+    )
+    run(private, tmp_path / "full")
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "full", interrupted)
+    shutil.rmtree(interrupted / "checkpoints" / "round-000003")
+    (interrupted / "final_params.pt").unlink()
+    run(private, interrupted, resume=True)
+    a = torch.load(tmp_path / "full" / "final_params.pt", weights_only=True)
+    b = torch.load(interrupted / "final_params.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    key = checkpoint.load_latest(tmp_path / "full")[0].secret_key
+    assert checkpoint.load_latest(interrupted)[0].secret_key == key
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        data = (tmp_path / "full" / name).read_bytes()
+        assert key.hex().encode() not in data and key not in data, name

@@ -296,7 +296,7 @@ def test_poisson_sampling_includes_each_site_independently():
 # ------------------------------------------------------------ client-level DP
 
 
-def dp_strategy(num_nodes, *, z, clip, fraction, poisson=True, lr=1.0):
+def dp_strategy(num_nodes, *, z, clip, fraction, poisson=True, lr=1.0, secret_key=None):
     from server.aggregation import make_aggregator
 
     config = make_config(**{
@@ -305,8 +305,10 @@ def dp_strategy(num_nodes, *, z, clip, fraction, poisson=True, lr=1.0):
     })
     params = theta0()
     state = ServerState(params=params, opt_state=server_opt.init_state(params, config=config.server_opt))
+    if secret_key is not None:
+        state.secret_key = secret_key
     strategy = MetaStrategy(config, state, expected_nodes=num_nodes, discovery_timeout=1.0,
-                            aggregator=make_aggregator(config))
+                            aggregator=make_aggregator(config, secret_key=state.secret_key))
     return strategy, FakeGrid(num_nodes)
 
 
@@ -350,13 +352,18 @@ def test_client_dp_round_without_sites_releases_noise_and_is_accounted():
     assert sum(count for _, _, count in state["accountant"]["history"]) == 3
 
 
-def test_client_dp_noise_is_reproducible_per_round():
-    a, grid_a = dp_strategy(10, z=1.0, clip=1.0, fraction=0.5)
-    b, grid_b = dp_strategy(10, z=1.0, clip=1.0, fraction=0.5)
-    for s, g in ((a, grid_a), (b, grid_b)):
+def test_client_dp_noise_is_reproducible_per_round_with_the_servers_key_only():
+    from common.privacy.randomness import fresh_key
+
+    key = fresh_key()
+    a, grid_a = dp_strategy(10, z=1.0, clip=1.0, fraction=0.5, secret_key=key)
+    b, grid_b = dp_strategy(10, z=1.0, clip=1.0, fraction=0.5, secret_key=key)  # a resumed server
+    c, grid_c = dp_strategy(10, z=1.0, clip=1.0, fraction=0.5)  # same config, another run
+    for s, g in ((a, grid_a), (b, grid_b), (c, grid_c)):
         sent = send(s, g, 1)
         s.aggregate_train(1, [reply(m, shifted(theta0(), 0.1), 4) for m in sent.values()])
     assert all(torch.equal(a.state.params[k], b.state.params[k]) for k in a.state.params)
+    assert not all(torch.equal(a.state.params[k], c.state.params[k]) for k in a.state.params)
 
 
 def tree_norm(a, b):
