@@ -3,18 +3,21 @@
 Abadi et al., "Deep Learning with Differential Privacy", CCS 2016: each
 record's gradient is clipped to norm C, the clipped gradients are summed,
 Gaussian noise of std sigma*C is added and the sum is divided by the expected
-batch size. Per-example gradients come from ``vmap(grad(loss of one
+batch size (here a constant of the configuration, see
+:meth:`common.task.Task.record_dp_divisors`: a divisor counted from the data
+would leak the count). Per-example gradients come from ``vmap(grad(loss of one
 record))``, which nests inside the ``vmap`` over episodes (Opacus's hooks do
 not compose with ``torch.func``; the arithmetic is Opacus's, see
 :mod:`common.privacy.clipping`).
 
-The noise is drawn outside, from the site's seeded generator, and travels
-with the batch: ``support["dp_noise"]`` holds standard normal draws with
-a leading ``[inner_steps]`` axis and ``support["dp_expected"]`` the expected
-support size; ``query["dp_noise"]`` (one draw per sent parameter, Meta-SGD's
-rates included) and ``query["dp_expected"]`` do the same for the query
-release of :func:`dp_meta_gradient`. That keeps the oracles pure and every
-run reproducible.
+The noise is drawn outside, from the site's secret keyed stream (see
+:meth:`common.task.Task.record_dp_randomness`), and travels with the batch:
+``support["dp_noise"]`` holds standard normal draws with a leading
+``[inner_steps]`` axis and ``support["dp_expected"]`` the divisor;
+``query["dp_noise"]`` (one draw per sent parameter, Meta-SGD's rates included)
+and ``query["dp_expected"]`` do the same for the query release of
+:func:`dp_meta_gradient`. That keeps the oracles pure and testable with any
+noise.
 
 Two releases per episode, under record-level DP:
 
@@ -151,8 +154,8 @@ def dp_meta_gradient(model: nn.Module, *, clip_norm: float, noise_multiplier: fl
        ``phi(params)`` with respect to ALL sent parameters (theta, and alpha
        for Meta-SGD) is clipped as a whole to norm ``C``; the clipped gradients
        are summed, ``sigma * C`` times ``query["dp_noise"]`` (standard normal
-       draws from the site's generator) is added and the sum is divided by
-       the expected query size ``query["dp_expected"]``. One record of the
+       draws from the site's secret stream) is added and the sum is divided by
+       the constant ``query["dp_expected"]``. One record of the
        query moves this sum by at most ``C``: a Gaussian mechanism with noise
        multiplier ``sigma`` on the query's Poisson sample.
 
