@@ -253,9 +253,12 @@ class MetaRun:
 
         test_dirs = site_dirs.test_site_dirs(config.data.root)
         self.test_sites = [self.task.load_site(p) for p in test_dirs]
-        federated_eval = not self.test_sites
+        federated_eval = not self.test_sites and not config.privacy.record.enabled
         if federated_eval:
             log(INFO, "no held-out sites under %s/test: evaluating at the sites instead", config.data.root)
+        elif not self.test_sites:  # private sites release no statistic of their records
+            log(INFO, "no held-out sites under %s/test and record-level DP is on: no evaluation (hold out "
+                "sites under data.root/test for a meta-test)", config.data.root)
         expected = self.expected_nodes
         if expected is None:
             expected = len(site_dirs.train_site_dirs(config.data.root)) or fed.min_sites

@@ -77,7 +77,7 @@ def test_site_refuses_a_round_past_its_budget_and_keeps_its_ledger(bench, tmp_pa
 
 def test_private_update_moves_the_weights_and_is_reproducible(bench, tmp_path):
     site_dir = _site_copy(bench, tmp_path)
-    config = _config(bench, **{"privacy.record.ledger_dir": str(tmp_path / "ledgers")})
+    config = _config(bench, **{"site_privacy.ledger_dir": str(tmp_path / "ledgers")})
     task = Task(config)
     params = task.initial_parameters(seed=0)
     site = task.load_site(site_dir)
@@ -155,7 +155,7 @@ def test_fomaml_with_record_dp_trains_end_to_end(tmp_path):
         "data.root": str(tmp_path / "data"), "algorithm.name": "fomaml", "federation.sites_per_round": 2,
         "federation.eval_episodes": 3, "episodes.episodes_per_round": 2,
         "privacy.record.enabled": True, "privacy.record.noise_multiplier": 1.0, "privacy.record.clip_norm": 1.0,
-        "privacy.record.sample_rate": 0.5, "privacy.record.ledger_dir": str(ledgers), "runtime.device": "cpu",
+        "privacy.record.sample_rate": 0.5, "site_privacy.ledger_dir": str(ledgers), "runtime.device": "cpu",
     })
     task = Task(config)
     initial = task.initial_parameters(seed=config.federation.seed)

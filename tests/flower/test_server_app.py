@@ -113,9 +113,9 @@ def test_record_level_dp_reports_epsilon_and_a_site_past_its_budget_refuses(conf
         federation=dataclasses.replace(config.federation, rounds=1, eval_episodes=2),
         privacy=dataclasses.replace(
             config.privacy,
-            record=dataclasses.replace(config.privacy.record, enabled=True, noise_multiplier=1.0,
-                                       ledger_dir=str(ledger)),
+            record=dataclasses.replace(config.privacy.record, enabled=True, noise_multiplier=1.0),
         ),
+        site_privacy=dataclasses.replace(config.site_privacy, ledger_dir=str(ledger)),
     )
     run(private, tmp_path / "first")
     (line,) = [json.loads(x) for x in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]
