@@ -312,7 +312,7 @@ class Task:
         max_epsilon = self.max_epsilon()
         exceeds, eps_after = ledger.would_exceed(max_epsilon=max_epsilon, steps=steps)
         if exceeds:
-            which = ("site_privacy.max_epsilon" if policy.max_epsilon < rec.max_epsilon
+            which = ("site_privacy.max_epsilon" if policy.max_epsilon <= rec.max_epsilon
                      else "privacy.record.max_epsilon")
             raise PrivacyBudgetExceeded(
                 f"site {site.site_id}: this round would raise its epsilon from {ledger.epsilon:.4g} to "
