@@ -83,7 +83,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise SitePolicyError(f"site privacy policy {path} is not valid YAML: {err}") from None
     if not isinstance(values, Mapping):
-        raise SitePolicyError(f"site privacy policy {path} must hold a mapping of settings, got {type(values).__name__}")
+        raise SitePolicyError(
+            f"site privacy policy {path} must hold a mapping of settings, got {type(values).__name__}"
+        )
     return dict(values)
 
 

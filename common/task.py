@@ -323,9 +323,9 @@ class Task:
             cost = compute_epsilon(steps=steps, delta=rec.delta, accountant=rec.accountant)
             if cost > policy.max_round_epsilon:
                 raise PrivacyBudgetExceeded(
-                    f"site {site.site_id}: this round alone would cost epsilon {cost:.4g} at delta={rec.delta:g}, above its "
-                    f"site_privacy.max_round_epsilon={policy.max_round_epsilon:g}; it refuses to train (ask for "
-                    "fewer episodes or inner steps, a smaller privacy.record.sample_rate or a larger "
+                    f"site {site.site_id}: this round alone would cost epsilon {cost:.4g} at delta={rec.delta:g}, "
+                    f"above its site_privacy.max_round_epsilon={policy.max_round_epsilon:g}; it refuses to train "
+                    "(ask for fewer episodes or inner steps, a smaller privacy.record.sample_rate or a larger "
                     "privacy.record.noise_multiplier)"
                 )
 

@@ -31,7 +31,8 @@ def absolute_paths(config: Config) -> Config:
     data = dataclasses.replace(config.data, root=str(Path(config.data.root).expanduser().resolve()))
     policy = config.site_privacy
     site_privacy = dataclasses.replace(policy, **{
-        k: str(Path(getattr(policy, k)).expanduser().resolve()) for k in ("ledger_dir", "state_dir") if getattr(policy, k)
+        k: str(Path(getattr(policy, k)).expanduser().resolve())
+        for k in ("ledger_dir", "state_dir") if getattr(policy, k)
     })
     return dataclasses.replace(config, data=data, output_dir=str(Path(config.output_dir).expanduser().resolve()),
                                site_privacy=site_privacy)

@@ -276,7 +276,9 @@ class PrivacyLedger:
         except FileNotFoundError:
             return  # no round recorded yet (or a ledger from before receipts: adopted on the next record)
         except OSError as err:
-            raise PrivacyLedgerError(f"cannot read the receipt {self.receipt} of privacy ledger {self.path}: {err}") from None
+            raise PrivacyLedgerError(
+                f"cannot read the receipt {self.receipt} of privacy ledger {self.path}: {err}"
+            ) from None
         reset_hint = f"metafed reset-ledger {self.path} --receipt {self.receipt} --yes"
         try:
             receipt = json.loads(text)

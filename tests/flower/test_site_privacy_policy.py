@@ -68,8 +68,8 @@ def run_config(smoke_data, **overrides):
 
 
 def compliant(smoke_data, policy, **overrides):
-    return run_config(smoke_data, **{"privacy.record.enabled": True, "privacy.record.max_epsilon": policy["max_epsilon"],
-                                     **overrides})
+    return run_config(smoke_data, **{"privacy.record.enabled": True,
+                                     "privacy.record.max_epsilon": policy["max_epsilon"], **overrides})
 
 
 def train(theta, node_config, rc, *, round=1):

@@ -115,7 +115,8 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         ledger.record(run_id="r", round=2, steps=ROUND)
     monkeypatch.undo()
     assert path.read_bytes() == before  # the old ledger, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.json", "l.json.lock", "l.json.receipt"]  # no temp file left
+    # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.json", "l.json.lock", "l.json.receipt"]
     assert ledger.epsilon == eps and len(ledger.entries) == 1  # nor a half-applied state
     assert PrivacyLedger.open(path, delta=DELTA).epsilon == eps
 
