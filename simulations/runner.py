@@ -89,7 +89,13 @@ def simulate(config: Config, *, resume_dir: str | Path | None = None, verbose: b
     from client import privacy_policy
 
     # Every simulated site holds the site_privacy policy: a run it would refuse is bad input.
-    privacy_policy.check(config, privacy_policy.validate(config.site_privacy))
+    try:
+        privacy_policy.check(config, privacy_policy.validate(config.site_privacy))
+    except privacy_policy.PolicyViolation as err:
+        raise privacy_policy.PolicyViolation(
+            f"{err}. Every simulated site holds the config's site_privacy policy: change privacy.record, "
+            "or site_privacy"
+        ) from None
     train = prepare_data(config)
     backend = backend_config(config)
 

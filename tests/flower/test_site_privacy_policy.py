@@ -260,3 +260,23 @@ def test_a_receipt_kept_elsewhere_notices_a_lost_ledger_folder(smoke_data, theta
     assert_refused(train(theta, node_config, compliant(smoke_data, policy), round=2), "went backwards")
     assert cli.main(["reset-ledger", str(ledger), "--receipt", str(receipt), "--yes"]) == cli.EXIT_OK
     assert not train(theta, node_config, compliant(smoke_data, policy), round=2).has_error()
+
+
+def test_policy_logic_needs_no_flower():
+    """The policy module is plain Python over the config: load, validate, compare."""
+    import ast
+
+    from client import privacy_policy
+    from common.config import RecordDPConfig, SitePrivacyConfig
+
+    tree = ast.parse(Path(privacy_policy.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not any(name.startswith("flwr") for name in imported)
+    policy = SitePrivacyConfig(require_record_dp=True, max_epsilon=4.0, min_noise_multiplier=1.0)
+    ok = RecordDPConfig(enabled=True, noise_multiplier=1.5, max_epsilon=2.0)
+    assert privacy_policy.violations(ok, policy) == []
+    loose = RecordDPConfig(enabled=True, noise_multiplier=0.8, max_epsilon=math.inf, delta=1e-3, accountant="prv")
+    found = privacy_policy.violations(loose, policy)
+    assert [v.split("=")[0] for v in found] == ["privacy.record.delta", "privacy.record.accountant",
+                                                  "privacy.record.max_epsilon", "privacy.record.noise_multiplier"]
