@@ -6,6 +6,13 @@ MetricRecord whose ``num-examples`` is the number of episodes used; ``evaluate``
 adapts on support sets and scores query sets at this site; ``query`` tells the
 server which site this node serves. A site whose data fails validation answers
 with an error reply carrying the validation message.
+
+A site's record-level privacy policy is its own (:mod:`client.privacy_policy`):
+a deployed node reads it from its node config, never from the run config. A
+run that asks for weaker privacy than the policy allows, a ledger that went
+backwards, a round past the budget and an evaluation at a private site all get
+an error reply that says why; a private site's evaluation refusal carries
+:data:`client.wire.PRIVATE_SITE_REFUSED` as its error code.
 """
 
 from __future__ import annotations
@@ -18,15 +25,17 @@ from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from client import sites, wire
+from client import privacy_policy, sites, wire
 from common.config import Config
-from common.task import PrivacyBudgetExceeded
+from common.privacy.ledger import PrivacyLedgerError
+from common.task import PrivacyRefused
 
 
-def _error_reply(msg: Message, ref: sites.SiteRef | None, err: Exception) -> Message:
+def _error_reply(msg: Message, ref: sites.SiteRef | None, err: Exception,
+                 code: int = ErrorCode.CLIENT_APP_RAISED_EXCEPTION) -> Message:
     where = f"site {ref.site_id} ({ref.path or 'no directory'})" if ref else "site config"
     reason = f"{where}: {err}"
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
 def _metrics(num_episodes: int, metrics: dict[str, float]) -> MetricRecord:
@@ -46,6 +55,8 @@ def make_client_app(config: Config | None = None) -> ClientApp:
         cfg = sites.resolve_config(config, context.run_config)
         ref = sites.site_ref(cfg, context.node_config)
         found.append(ref)
+        # The run's privacy request, bound to this site's own policy (raises PolicyViolation).
+        cfg = privacy_policy.check(cfg, privacy_policy.for_node(cfg, context.node_config))
         task = sites.get_task(cfg)
         return task, sites.load_site(task, ref)
 
@@ -61,7 +72,7 @@ def make_client_app(config: Config | None = None) -> ClientApp:
         generator = torch.Generator().manual_seed(int(round_config["seed"]))
         try:
             result = task.train_on_site(theta, site, round_config=round_config, generator=generator)
-        except PrivacyBudgetExceeded as err:  # the site refuses: a clear error reply
+        except (PrivacyRefused, PrivacyLedgerError) as err:  # the site refuses: a clear error reply
             return _error_reply(msg, found[0], err)
         content = RecordDict(
             {
@@ -75,15 +86,24 @@ def make_client_app(config: Config | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         found: list[sites.SiteRef] = []
         try:
-            task, site = prepare(context, found)
+            cfg = sites.resolve_config(config, context.run_config)
+            found.append(sites.site_ref(cfg, context.node_config))
+            if privacy_policy.is_private(privacy_policy.for_node(cfg, context.node_config), cfg):
+                # Refused before any record is read: accuracy and loss are statistics of the records.
+                return _error_reply(msg, found[0], PrivacyRefused(privacy_policy.EVALUATION_REFUSED),
+                                    code=wire.PRIVATE_SITE_REFUSED)
+            task, site = prepare(context, [])
         except ValueError as err:
             return _error_reply(msg, found[0] if found else None, err)
         theta = wire.record_to_tree(msg.content[wire.ARRAYS])
         eval_config = dict(msg.content[wire.CONFIG])
         generator = torch.Generator().manual_seed(int(eval_config["seed"]))
-        result = task.evaluate_on_site(
-            theta, site, num_episodes=int(eval_config["episodes"]), generator=generator
-        )
+        try:
+            result = task.evaluate_on_site(
+                theta, site, num_episodes=int(eval_config["episodes"]), generator=generator
+            )
+        except PrivacyRefused as err:  # a private site releases no statistic of its records
+            return _error_reply(msg, found[0], err, code=wire.PRIVATE_SITE_REFUSED)
         return Message(RecordDict({wire.METRICS: _metrics(result.num_episodes, result.metrics)}), reply_to=msg)
 
     @app.query()

@@ -30,6 +30,11 @@ TRAIN_KEYS = ("round", "inner_steps", "inner_lr", "ways", "shots", "query_shots"
 # The ConfigRecord of an evaluate instruction.
 EVALUATE_KEYS = ("round", "inner_steps", "ways", "shots", "query_shots", "episodes", "seed")
 
+# Error code of a site's reply when it refuses federated evaluation because it is
+# under record-level DP (Flower's own codes are 0-8): the server counts it apart
+# from failures.
+PRIVATE_SITE_REFUSED = 100
+
 # Message type of the one-off query asking a node which site it serves.
 QUERY_SITE = "query"
 SITE_ID = "site-id"

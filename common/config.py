@@ -142,22 +142,47 @@ class RecordDPConfig:
     max_epsilon: float = math.inf  # a site refuses to train past this
     delta: float = 1e-5
     accountant: str = "rdp"  # rdp | prv
-    # Where sites keep their privacy ledgers: "" = next to each site's data
-    # (privacy_ledger.json), so the budget covers every run on those records.
-    ledger_dir: str = ""
     # Declared records per class, a public constant: the DP-SGD divisor is
     # sample_rate * ways * this (less the query's records for Reptile), never a
     # count of the site's records. Set it to a typical class size at the sites;
     # a wrong value only rescales the step. 0 = data.records_per_class.
     records_per_class: int = 0
-    # Site-side: draw the noise and the Poisson coins from the round's seed
-    # instead of fresh OS entropy. Reproducible, and NOT private (the server
-    # sent the seed); every output of such a run says so.
-    reproducible_noise: bool = False
 
     def declared_class_size(self, data: DataConfig) -> int:
         """The per-class record count the DP normalizer assumes."""
         return self.records_per_class or data.records_per_class
+
+
+@dataclass(frozen=True)
+class SitePrivacyConfig:
+    """A site's own record-level privacy policy; the run's ``privacy.record`` may only be stricter.
+
+    A deployed site sets it in its node config (``client.privacy_policy``);
+    in a simulation every site takes it from this section.
+    """
+
+    # The site trains only under record-level DP (privacy.record.enabled must be true).
+    require_record_dp: bool = False
+    # The most epsilon the site spends, at ``delta``, over every round of every run.
+    max_epsilon: float = math.inf
+    # The delta and accountant the site's ledger is kept at (the run must use the same).
+    delta: float = 1e-5
+    accountant: str = "rdp"  # rdp | prv
+    # The least noise multiplier the site accepts.
+    min_noise_multiplier: float = 0.0
+    # The most epsilon one round may cost on its own (at ``delta``).
+    max_round_epsilon: float = math.inf
+    # Where the site keeps its privacy ledger: "" = next to its data
+    # (privacy_ledger.json), else <ledger_dir>/<site id>.json.
+    ledger_dir: str = ""
+    # Where the ledger's receipt (its length and digest, to notice a ledger that
+    # went backwards) is kept: "" = next to the ledger. Best on another volume.
+    state_dir: str = ""
+    # Draw the DP noise and the Poisson coins from the round's seed (which the
+    # server sent) instead of fresh OS entropy: reproducible, and NOT private.
+    # A setting of the site's own policy, never of the run; every output of
+    # such a run says so.
+    reproducible_noise: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,6 +222,7 @@ class Config:
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    site_privacy: SitePrivacyConfig = field(default_factory=SitePrivacyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -210,6 +236,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "server_opt.schedule": ("constant", "linear"),
     "privacy.record.accountant": ("rdp", "prv"),
     "privacy.client.accountant": ("rdp", "prv"),
+    "site_privacy.accountant": ("rdp", "prv"),
     "runtime.dtype": ("float32", "float64"),
 }
 
@@ -276,12 +303,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+# Keys that moved, and where to.
+_MOVED = {
+    "privacy.record.ledger_dir": "site_privacy.ledger_dir (a site's ledger is the site's, not the run's)",
+    "privacy.record.reproducible_noise": "site_privacy.reproducible_noise (only a site may give up its noise's secrecy)",
+}
+
+
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         key = prefix + unknown[0]
+        if key in _MOVED:
+            raise ConfigError(f"config key '{key}' is now {_MOVED[key]}")
         raise ConfigError(
             f"unknown config key '{key}'. Valid keys: " + ", ".join(valid_keys(Config))
         )
@@ -297,6 +333,16 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
         else:
             kwargs[f.name] = _coerce(value, tp, key)
     return cls(**kwargs)
+
+
+def section_from_dict(cls: type, values: Mapping[str, Any], *, prefix: str) -> Any:
+    """One section (a frozen dataclass) from a mapping; an unknown key lists the section's own keys."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(
+            f"unknown key '{prefix}{unknown[0]}'. Valid keys: " + ", ".join(valid_keys(cls, prefix))
+        )
+    return _build(cls, values, prefix)
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:

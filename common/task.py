@@ -71,11 +71,15 @@ def resolve_schema(config: Config) -> Schema:
 # A reply metric set to 1 by a site whose DP noise is reproducible from the round's seed.
 REPRODUCIBLE_NOISE_METRIC = "dp_reproducible_noise"
 NOT_PRIVATE_REPRODUCIBLE = (
-    "NOT PRIVATE: privacy.record.reproducible_noise draws the DP noise and coins from the seed the server sent"
+    "NOT PRIVATE: site_privacy.reproducible_noise draws the DP noise and coins from the seed the server sent"
 )
 
 
-class PrivacyBudgetExceeded(RuntimeError):
+class PrivacyRefused(RuntimeError):
+    """A site refuses what it was asked, to keep its privacy policy; the message says why."""
+
+
+class PrivacyBudgetExceeded(PrivacyRefused):
     """A site refuses a round that would take it past its maximum epsilon."""
 
 
@@ -238,6 +242,9 @@ class Task:
         ``max_epsilon``; after training it records the round's releases.
         """
         settings = self.round_settings(round_config)
+        if self.config.site_privacy.require_record_dp and not self.config.privacy.record.enabled:
+            raise PrivacyRefused("this site trains only under record-level DP (site_privacy.require_record_dp); "
+                                 "run with privacy.record.enabled=true")
         if self.config.privacy.record.enabled:
             return self._train_private(params, site, settings=settings, round_config=round_config or {},
                                        generator=generator)
@@ -317,25 +324,56 @@ class Task:
 
         A fresh key from the OS every round (:func:`common.privacy.randomness.fresh_key`):
         nothing the server sends or knows determines it. Only with
-        ``privacy.record.reproducible_noise`` is the key derived from the seed of
+        ``site_privacy.reproducible_noise`` (the site's own policy) is the key derived from the seed of
         ``generator`` (the one the server sent), which makes the run
         reproducible and NOT private.
         """
         from common.privacy.randomness import KeyedStream, fresh_key, reproducible_key
 
-        if self.config.privacy.record.reproducible_noise:
+        if self.config.site_privacy.reproducible_noise:
             return KeyedStream(reproducible_key(generator.initial_seed()), label="record-dp")
         return KeyedStream(fresh_key(), label="record-dp")
 
     def ledger(self, site):
+        """The site's ledger, where its policy keeps it (``site_privacy.ledger_dir`` / ``state_dir``)."""
         from common.privacy.ledger import DEFAULT_FILENAME, PrivacyLedger
 
-        rec = self.config.privacy.record
-        if rec.ledger_dir:
-            path = Path(rec.ledger_dir) / f"{site.site_id}.json"
+        rec, policy = self.config.privacy.record, self.config.site_privacy
+        if policy.ledger_dir:
+            path = Path(policy.ledger_dir) / f"{site.site_id}.json"
         else:
             path = Path(site.site_dir) / DEFAULT_FILENAME
-        return PrivacyLedger.open(path, accountant=rec.accountant, delta=rec.delta)
+        receipt = Path(policy.state_dir) / f"{site.site_id}.json.receipt" if policy.state_dir else None
+        return PrivacyLedger.open(path, accountant=rec.accountant, delta=rec.delta, receipt=receipt)
+
+    def max_epsilon(self) -> float:
+        """The budget a site keeps: the run's ``privacy.record.max_epsilon`` within the site's own."""
+        return min(self.config.privacy.record.max_epsilon, self.config.site_privacy.max_epsilon)
+
+    def check_round_budget(self, site, ledger, steps) -> None:
+        """Raise :class:`PrivacyBudgetExceeded` unless this round fits the site's budget and per-round cap."""
+        from common.privacy.accounting import compute_epsilon
+
+        rec, policy = self.config.privacy.record, self.config.site_privacy
+        max_epsilon = self.max_epsilon()
+        exceeds, eps_after = ledger.would_exceed(max_epsilon=max_epsilon, steps=steps)
+        if exceeds:
+            which = ("site_privacy.max_epsilon" if policy.max_epsilon <= rec.max_epsilon
+                     else "privacy.record.max_epsilon")
+            raise PrivacyBudgetExceeded(
+                f"site {site.site_id}: this round would raise its epsilon from {ledger.epsilon:.4g} to "
+                f"{eps_after:.4g} at delta={rec.delta:g}, past its {which}="
+                f"{max_epsilon:g}; it refuses to train (ledger: {ledger.path})"
+            )
+        if math.isfinite(policy.max_round_epsilon):
+            cost = compute_epsilon(steps=steps, delta=rec.delta, accountant=rec.accountant)
+            if cost > policy.max_round_epsilon:
+                raise PrivacyBudgetExceeded(
+                    f"site {site.site_id}: this round alone would cost epsilon {cost:.4g} at delta={rec.delta:g}, "
+                    f"above its site_privacy.max_round_epsilon={policy.max_round_epsilon:g}; it refuses to train "
+                    "(ask for fewer episodes or inner steps, a smaller privacy.record.sample_rate or a larger "
+                    "privacy.record.noise_multiplier)"
+                )
 
     def _train_private(self, params, site, *, settings, round_config, generator) -> TrainResult:
         """DP-SGD on Poisson-sampled supports; for the MAML family also a private query release.
@@ -355,16 +393,10 @@ class Task:
         from common.data import sample_poisson_episodes
         from common.privacy.clipping import draw_standard_noise
 
-        rec = self.config.privacy.record
+        rec, policy = self.config.privacy.record, self.config.site_privacy
         steps = self.record_dp_steps(settings)
         ledger = self.ledger(site)
-        exceeds, eps_after = ledger.would_exceed(max_epsilon=rec.max_epsilon, steps=steps)
-        if exceeds:
-            raise PrivacyBudgetExceeded(
-                f"site {site.site_id}: this round would raise its epsilon from {ledger.epsilon:.4g} to "
-                f"{eps_after:.4g} at delta={rec.delta:g}, past its privacy.record.max_epsilon="
-                f"{rec.max_epsilon:g}; it refuses to train (ledger: {ledger.path})"
-            )
+        self.check_round_budget(site, ledger, steps)
         uses_query = self.algorithm.uses_query_gradient
         secret = self.record_dp_randomness(generator)
         episodes, _sizes = sample_poisson_episodes(
@@ -399,8 +431,8 @@ class Task:
             model=self.model, params=theta, episodes=episodes, hparams=hparams, gradient=gradient, **extra
         )
         epsilon = ledger.record(run_id=str(round_config.get("run_id", "")), round=int(round_config.get("round", 0)),
-                                steps=steps, max_epsilon=rec.max_epsilon,
-                                not_private=NOT_PRIVATE_REPRODUCIBLE if rec.reproducible_noise else "")
+                                steps=steps, max_epsilon=self.max_epsilon(),
+                                not_private=NOT_PRIVATE_REPRODUCIBLE if policy.reproducible_noise else "")
         # Only the noised weights and the accounting leave the site: its
         # losses and accuracies are statistics of the records, not privatized.
         metrics = {
@@ -411,7 +443,7 @@ class Task:
             "sample_rate": rec.sample_rate,
             "dp_steps": float(sum(count for _, _, count in steps)),
         }
-        if rec.reproducible_noise:
+        if policy.reproducible_noise:
             metrics[REPRODUCIBLE_NOISE_METRIC] = 1.0
         return TrainResult(
             params={k: v.detach().cpu() for k, v in result.params.items()},
@@ -430,7 +462,16 @@ class Task:
     def evaluate_on_site(
         self, params: Mapping[str, torch.Tensor], site, *, num_episodes: int, generator: torch.Generator
     ) -> EvalResult:
-        """Adapt on the site's support sets, score its query sets."""
+        """Adapt on the site's support sets, score its query sets.
+
+        A site under record-level DP refuses (:class:`PrivacyRefused`): its
+        accuracy and loss are statistics of its records that no noise covers.
+        """
+        if self.config.privacy.record.enabled or self.config.site_privacy.require_record_dp:
+            raise PrivacyRefused(
+                "this site is under record-level DP and releases nothing but its noised weights and their "
+                "accounting: no evaluation of its records"
+            )
         theta = tree.to(dict(params), device=self.device, dtype=self.dtype)
         episodes = self.sample_episodes(site, num_episodes=num_episodes, shots=self.config.episodes.shots,
                                         generator=generator)

@@ -239,7 +239,7 @@ class MetaRun:
             line["federated_eval"] = rec["federated_eval"]
         if "privacy" in rec:
             line["privacy"] = rec["privacy"]
-        if line["train"].get(REPRODUCIBLE_NOISE_METRIC, 0.0) > 0 or self.config.privacy.record.reproducible_noise:
+        if line["train"].get(REPRODUCIBLE_NOISE_METRIC, 0.0) > 0 or self.config.site_privacy.reproducible_noise:
             line["not_private"] = NOT_PRIVATE_REPRODUCIBLE
         last_acc = self._last_accuracy(self.state.history + [line])
         line["last_meta_test_accuracy"] = last_acc
@@ -297,9 +297,12 @@ class MetaRun:
 
         test_dirs = site_dirs.test_site_dirs(config.data.root)
         self.test_sites = [self.task.load_site(p) for p in test_dirs]
-        federated_eval = not self.test_sites
+        federated_eval = not self.test_sites and not config.privacy.record.enabled
         if federated_eval:
             log(INFO, "no held-out sites under %s/test: evaluating at the sites instead", config.data.root)
+        elif not self.test_sites:  # private sites release no statistic of their records
+            log(INFO, "no held-out sites under %s/test and record-level DP is on: no evaluation (hold out "
+                "sites under data.root/test for a meta-test)", config.data.root)
         expected = self.expected_nodes
         if expected is None:
             expected = len(site_dirs.train_site_dirs(config.data.root)) or fed.min_sites

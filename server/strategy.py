@@ -429,9 +429,13 @@ class MetaStrategy(FedAvg):
         sent = self._sent.get((r, MessageType.EVALUATE), {})
         results: list[tuple[int, dict[str, float]]] = []
         failed = invalid = 0
+        private: list[str] = []  # sites under record-level DP refuse: not a failure
         for msg in replies:
             node = msg.metadata.src_node_id
             site_id, episodes = sent.get(node, (self.node_sites.get(node, f"node-{node}"), 0))
+            if msg.has_error() and msg.error.code == wire.PRIVATE_SITE_REFUSED:
+                private.append(site_id)
+                continue
             if msg.has_error():
                 failed += 1
                 log(WARNING, "round %d: evaluation at site %s failed: %s", r, site_id, msg.error.reason)
@@ -446,12 +450,17 @@ class MetaStrategy(FedAvg):
                 k: float(v) for k, v in metrics.items()
                 if k != wire.NUM_EXAMPLES and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             }))
+        if private:
+            log(INFO, "round %d: %d site(s) under record-level DP declined federated evaluation (they release "
+                "only noised weights; hold out sites under data.root/test for a meta-test): %s",
+                r, len(private), ", ".join(sorted(private)[:10]) + (" ..." if len(private) > 10 else ""))
+        counts = {"sites_failed": failed, "sites_invalid": invalid, "sites_private": len(private)}
         if not results:
-            rec["federated_eval"] = {"sites_replied": 0, "sites_failed": failed, "sites_invalid": invalid}
+            rec["federated_eval"] = {"sites_replied": 0, **counts}
             return None
         agg = _weighted_metrics(results)
         agg["episodes"] = float(sum(n for n, _ in results))
-        rec["federated_eval"] = {**agg, "sites_replied": len(results), "sites_failed": failed, "sites_invalid": invalid}
+        rec["federated_eval"] = {**agg, "sites_replied": len(results), **counts}
         return MetricRecord(agg)
 
 

@@ -5,6 +5,7 @@
     metafed compare       [--config FILE] [--set ...] [--algorithms fedavg,reptile,...]
     metafed privacy-sweep [--config FILE] [--set ...] [--epsilons inf,8,4,2,1] [--levels record,client]
     metafed plan-privacy  [--config FILE] [--set ...] --target-epsilon 4 [--level record|client]
+    metafed reset-ledger  LEDGER_OR_SITE_DIR [--receipt FILE] --yes
 
 A bad config (unknown key, wrong type, missing file), bad data or a run
 directory without a checkpoint prints the reason on stderr and exits with code
@@ -51,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     plan.add_argument("--target-epsilon", type=float, required=True)
     plan.add_argument("--level", choices=("record", "client"), default="record")
+
+    reset = sub.add_parser("reset-ledger", help="start a site's privacy budget again (moves its ledger aside)")
+    reset.add_argument("ledger", metavar="LEDGER_OR_SITE_DIR",
+                       help="the ledger file, or a site directory (its privacy_ledger.json)")
+    reset.add_argument("--receipt", help="the ledger's receipt when it is kept elsewhere (site_privacy.state_dir)")
+    reset.add_argument("--yes", action="store_true", help="confirm: the site forgets the budget it has spent")
 
     data = sub.add_parser("make-data", help="write the procedural benchmark's site directories")
     data.add_argument("--config", help="YAML experiment file (its data section is used)")
@@ -108,6 +115,26 @@ def _experiment(args: argparse.Namespace, config) -> int:
     return EXIT_OK
 
 
+def _reset_ledger(args: argparse.Namespace) -> int:
+    from common.privacy.ledger import default_path, default_receipt_path, reset
+
+    ledger = Path(args.ledger)
+    ledger = default_path(ledger) if ledger.is_dir() else ledger
+    receipt = Path(args.receipt) if args.receipt else default_receipt_path(ledger)
+    if not ledger.exists() and not receipt.exists():
+        raise ConfigError(f"neither the ledger {ledger} nor its receipt {receipt} exists: nothing to reset")
+    if not args.yes:
+        raise ConfigError(
+            f"resetting {ledger} makes its site forget the privacy budget it has spent, which voids the "
+            "site's guarantee for what it released before; add --yes to do it (both files are kept, renamed "
+            "*.reset-<time>)"
+        )
+    for old, new in reset(ledger, receipt=receipt):
+        print(f"moved {old} -> {new}")
+    print(f"the site's next round starts a new ledger at {ledger}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``metafed`` command (``argv=None``: the process's command line)."""
     code = _main(argv)
@@ -145,6 +172,8 @@ def _main(argv: list[str] | None) -> int:
             return simulate(config, verbose=args.verbose)
         if args.command in ("compare", "privacy-sweep", "plan-privacy"):
             return _experiment(args, load(args.config, overrides=args.overrides))
+        if args.command == "reset-ledger":
+            return _reset_ledger(args)
         if args.command == "make-data":
             from simulations.runner import make_data
 

@@ -201,9 +201,12 @@ def private_config(config: Config, *, level: str, target_epsilon: float, num_sit
                 config.privacy.record, enabled=True, noise_multiplier=sigma, target_epsilon=target_epsilon,
                 # A site that would pass the target (it was sampled more often than
                 # expected) refuses: no site ends above the epsilon reported.
-                max_epsilon=target_epsilon, ledger_dir=str(ledger_dir),
+                max_epsilon=target_epsilon,
             )
             privacy = dataclasses.replace(config.privacy, record=record)
+            # The sweep plays every site: each target keeps its own ledgers.
+            site_privacy = dataclasses.replace(config.site_privacy, ledger_dir=str(ledger_dir))
+            return dataclasses.replace(config, privacy=privacy, site_privacy=site_privacy)
         else:
             client = dataclasses.replace(config.privacy.client, enabled=True, noise_multiplier=sigma,
                                          target_epsilon=target_epsilon)

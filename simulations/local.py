@@ -39,6 +39,9 @@ def site_round_generator(seed: int, round_index: int, site_index: int) -> torch.
 
 
 def train(config: Config, *, task: Task | None = None, log=print, ablate: bool = True) -> LocalRun:
+    from client import privacy_policy  # plain Python: every site here holds the config's site_privacy
+
+    privacy_policy.check(config, privacy_policy.validate(config.site_privacy))
     paths = ensure_benchmark(config.data)
     task = task or Task(config)
     train_sites = [task.load_site(p) for p in paths.train_sites]

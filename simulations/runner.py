@@ -29,7 +29,13 @@ class _DropDeprecationBanner(logging.Filter):
 def absolute_paths(config: Config) -> Config:
     """Paths resolved against the current directory (workers may run elsewhere)."""
     data = dataclasses.replace(config.data, root=str(Path(config.data.root).expanduser().resolve()))
-    return dataclasses.replace(config, data=data, output_dir=str(Path(config.output_dir).expanduser().resolve()))
+    policy = config.site_privacy
+    site_privacy = dataclasses.replace(policy, **{
+        k: str(Path(getattr(policy, k)).expanduser().resolve())
+        for k in ("ledger_dir", "state_dir") if getattr(policy, k)
+    })
+    return dataclasses.replace(config, data=data, output_dir=str(Path(config.output_dir).expanduser().resolve()),
+                               site_privacy=site_privacy)
 
 
 def prepare_data(config: Config) -> list[Path]:
@@ -80,6 +86,16 @@ def simulate(config: Config, *, resume_dir: str | Path | None = None, verbose: b
                 f"no checkpoint under {run_dir / 'checkpoints'}: nothing to resume "
                 "(checkpoints are written every federation.checkpoint_every rounds)"
             )
+    from client import privacy_policy
+
+    # Every simulated site holds the site_privacy policy: a run it would refuse is bad input.
+    try:
+        privacy_policy.check(config, privacy_policy.validate(config.site_privacy))
+    except privacy_policy.PolicyViolation as err:
+        raise privacy_policy.PolicyViolation(
+            f"{err}. Every simulated site holds the config's site_privacy policy: change privacy.record, "
+            "or site_privacy"
+        ) from None
     train = prepare_data(config)
     backend = backend_config(config)
 

@@ -20,12 +20,22 @@ before appending, so two runs sharing a site never lose each other's spending.
 A ledger that is unreadable, inconsistent, or was written with another
 accountant or delta is an error that names the file and what to do; the file
 is never reset or overwritten in that case.
+
+A missing ledger reads as an empty one, so a deleted, emptied or restored
+ledger would silently give a site its budget back. Each :meth:`PrivacyLedger.record`
+therefore also writes a receipt (``<ledger>.receipt`` by default, or a file in
+another folder): the number of rounds recorded and a SHA-256 digest of them.
+A ledger that does not begin with the rounds its receipt vouches for has gone
+backwards: :class:`LedgerRolledBack`, and the site refuses to train until an
+operator puts the ledger back or resets it with :func:`reset`
+(``metafed reset-ledger LEDGER --yes``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -44,8 +54,11 @@ except ImportError:  # pragma: no cover
 FORMAT = "metafed-privacy-ledger"
 VERSION = 1
 DEFAULT_FILENAME = "privacy_ledger.json"
+RECEIPT_FORMAT = "metafed-privacy-ledger-receipt"
+RECEIPT_SUFFIX = ".receipt"
 
-__all__ = ["PrivacyLedger", "PrivacyLedgerError", "BudgetExceeded", "DEFAULT_FILENAME", "default_path"]
+__all__ = ["PrivacyLedger", "PrivacyLedgerError", "BudgetExceeded", "LedgerRolledBack", "DEFAULT_FILENAME",
+           "default_path", "default_receipt_path", "reset"]
 
 
 class PrivacyLedgerError(RuntimeError):
@@ -56,9 +69,44 @@ class BudgetExceeded(PrivacyLedgerError):
     """Recording these releases would take the site past its maximum epsilon."""
 
 
+class LedgerRolledBack(PrivacyLedgerError):
+    """The ledger holds fewer rounds than its receipt vouches for (deleted, emptied or restored)."""
+
+
 def default_path(site_dir: str | os.PathLike) -> Path:
     """``<site_dir>/privacy_ledger.json``."""
     return Path(site_dir) / DEFAULT_FILENAME
+
+
+def default_receipt_path(ledger_path: str | os.PathLike) -> Path:
+    """``<ledger>.receipt``, next to the ledger."""
+    path = Path(ledger_path)
+    return path.with_name(path.name + RECEIPT_SUFFIX)
+
+
+def _digest(entries: Sequence[Any]) -> str:
+    return hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def reset(path: str | os.PathLike, *, receipt: str | os.PathLike | None = None) -> list[tuple[Path, Path]]:
+    """Start a site's budget again, knowingly: move the ledger and its receipt aside.
+
+    Both are renamed to ``<name>.reset-<UTC time>`` (kept, no longer counted).
+    Returns the ``(old, new)`` paths moved; nothing is deleted.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = default_path(path)
+    receipt_file = Path(receipt) if receipt is not None else default_receipt_path(path)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    moved = []
+    with _locked(path):
+        for old in (path, receipt_file):
+            if old.exists():
+                new = old.with_name(f"{old.name}.reset-{stamp}")
+                os.replace(old, new)
+                moved.append((old, new))
+    return moved
 
 
 def _now() -> str:
@@ -118,8 +166,9 @@ class PrivacyLedger:
     :func:`common.privacy.accounting.record_level_round_steps`.
     """
 
-    def __init__(self, path: Path, *, accountant: str, delta: float) -> None:
+    def __init__(self, path: Path, *, accountant: str, delta: float, receipt: Path | None = None) -> None:
         self.path = Path(path)
+        self.receipt = Path(receipt) if receipt is not None else default_receipt_path(self.path)
         self.kind = accountant
         self.delta = float(delta)
         self._accountant = PrivacyAccountant(accountant)
@@ -129,13 +178,16 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(
-        cls, path: str | os.PathLike, *, accountant: str = "rdp", delta: float
+        cls, path: str | os.PathLike, *, accountant: str = "rdp", delta: float,
+        receipt: str | os.PathLike | None = None,
     ) -> "PrivacyLedger":
         """Open the ledger at ``path`` (a site directory means its default file).
 
         A missing file is an empty ledger; it is created by the first
-        :meth:`record`. An existing file must have been written with the same
-        ``accountant`` and ``delta``.
+        :meth:`record`, unless its receipt (``receipt``, default
+        ``<ledger>.receipt``) says rounds were recorded: then
+        :class:`LedgerRolledBack`. An existing file must have been written
+        with the same ``accountant`` and ``delta``.
         """
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}; got {accountant!r}")
@@ -144,7 +196,8 @@ class PrivacyLedger:
         path = Path(path)
         if path.is_dir():
             path = default_path(path)
-        ledger = cls(path, accountant=accountant, delta=delta)
+        ledger = cls(path, accountant=accountant, delta=delta,
+                     receipt=Path(receipt) if receipt is not None else None)
         ledger._reload()
         return ledger
 
@@ -179,6 +232,7 @@ class PrivacyLedger:
     def _reload(self) -> None:
         """Load the file's state into memory (or the empty state if it does not exist)."""
         data = self._read()
+        self._check_receipt(data)
         if data is None:
             self._accountant = PrivacyAccountant(self.kind)
             self._entries = []
@@ -214,6 +268,54 @@ class PrivacyLedger:
             self._epsilon = accountant.epsilon(delta=self.delta)  # else: unchanged since last read
         self._accountant = accountant
         self._entries = [dict(e) for e in entries]
+
+    def _check_receipt(self, data: dict[str, Any] | None) -> None:
+        """Refuse a ledger that does not begin with the rounds its receipt vouches for."""
+        try:
+            text = self.receipt.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return  # no round recorded yet (or a ledger from before receipts: adopted on the next record)
+        except OSError as err:
+            raise PrivacyLedgerError(
+                f"cannot read the receipt {self.receipt} of privacy ledger {self.path}: {err}"
+            ) from None
+        reset_hint = f"metafed reset-ledger {self.path} --receipt {self.receipt} --yes"
+        try:
+            receipt = json.loads(text)
+            count, digest = int(receipt["entries"]), str(receipt["digest"])
+            if receipt.get("format") != RECEIPT_FORMAT:
+                raise ValueError("wrong format")
+        except (ValueError, KeyError, TypeError):
+            raise PrivacyLedgerError(
+                f"the receipt {self.receipt} of privacy ledger {self.path} is unreadable, so the site cannot "
+                f"tell whether its ledger is complete; it refuses to train. Restore the receipt, or reset "
+                f"the site's budget knowingly: {reset_hint}"
+            ) from None
+        entries = data["entries"] if data is not None and isinstance(data.get("entries"), list) else []
+        if len(entries) >= count and _digest(entries[:count]) == digest:
+            return
+        if data is None:
+            state = "is missing"
+        elif len(entries) < count:
+            state = f"holds {len(entries)}"
+        else:
+            state = f"holds {len(entries)} rounds whose first {count} differ from them"
+        raise LedgerRolledBack(
+            f"privacy ledger {self.path} went backwards: its receipt {self.receipt} vouches for {count} "
+            f"recorded rounds (epsilon {receipt.get('epsilon', float('nan')):.4g} at delta="
+            f"{receipt.get('delta', self.delta):g}, last at {receipt.get('timestamp', '?')}), but the ledger "
+            f"{state}. A deleted, emptied or restored ledger forgets budget this site has spent, so it refuses "
+            f"to train. Put the ledger back from a copy of its latest state, or, to start this site's budget "
+            f"again knowingly: {reset_hint}"
+        )
+
+    def _write_receipt(self, entries: list[dict[str, Any]], epsilon: float) -> None:
+        written = json.loads(json.dumps(entries))  # digest what the file holds
+        _atomic_write_json(self.receipt, {
+            "format": RECEIPT_FORMAT, "version": VERSION, "ledger": str(self.path.resolve()),
+            "entries": len(written), "digest": _digest(written), "epsilon": epsilon, "delta": self.delta,
+            "timestamp": written[-1]["timestamp"] if written else _now(),
+        })
 
     # ------------------------------------------------------------------ queries
     @property
@@ -296,5 +398,6 @@ class PrivacyLedger:
                 "entries": entries,
             }
             _atomic_write_json(self.path, data)
+            self._write_receipt(entries, eps_after)  # after the ledger: a crash between leaves it behind, not ahead
             self._accountant, self._entries, self._epsilon = accountant, entries, eps_after
         return eps_after

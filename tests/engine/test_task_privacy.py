@@ -77,8 +77,8 @@ def test_site_refuses_a_round_past_its_budget_and_keeps_its_ledger(bench, tmp_pa
 
 def test_private_update_moves_the_weights_and_is_reproducible_only_when_asked(bench, tmp_path):
     site_dir = _site_copy(bench, tmp_path)
-    config = _config(bench, **{"privacy.record.ledger_dir": str(tmp_path / "ledgers"),
-                               "privacy.record.reproducible_noise": True})
+    config = _config(bench, **{"site_privacy.ledger_dir": str(tmp_path / "ledgers"),
+                               "site_privacy.reproducible_noise": True})
     task = Task(config)
     params = task.initial_parameters(seed=0)
     site = task.load_site(site_dir)
@@ -89,7 +89,7 @@ def test_private_update_moves_the_weights_and_is_reproducible_only_when_asked(be
     assert a.metrics["dp_reproducible_noise"] == 1.0  # the reply says the noise is not secret
     assert all("NOT PRIVATE" in e["not_private"] for e in task.ledger(site).entries)
     # The default: the same seed, fresh noise from the OS every round.
-    private = Task(_config(bench, **{"privacy.record.ledger_dir": str(tmp_path / "ledgers")}))
+    private = Task(_config(bench, **{"site_privacy.ledger_dir": str(tmp_path / "ledgers")}))
     c = private.train_on_site(params, site, generator=torch.Generator().manual_seed(7))
     d = private.train_on_site(params, site, generator=torch.Generator().manual_seed(7))
     assert tree.max_abs_diff(c.params, d.params) > 0 and "dp_reproducible_noise" not in c.metrics
@@ -164,7 +164,7 @@ def test_fomaml_with_record_dp_trains_end_to_end(tmp_path):
         "data.root": str(tmp_path / "data"), "algorithm.name": "fomaml", "federation.sites_per_round": 2,
         "federation.eval_episodes": 3, "episodes.episodes_per_round": 2,
         "privacy.record.enabled": True, "privacy.record.noise_multiplier": 1.0, "privacy.record.clip_norm": 1.0,
-        "privacy.record.sample_rate": 0.5, "privacy.record.ledger_dir": str(ledgers), "runtime.device": "cpu",
+        "privacy.record.sample_rate": 0.5, "site_privacy.ledger_dir": str(ledgers), "runtime.device": "cpu",
     })
     task = Task(config)
     initial = task.initial_parameters(seed=config.federation.seed)

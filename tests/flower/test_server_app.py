@@ -85,6 +85,22 @@ def test_without_held_out_sites_the_sites_evaluate(config, smoke_data, tmp_path)
     assert summary["final_meta_test"]["federated"] is True
 
 
+def test_without_held_out_sites_a_private_run_asks_no_site_to_evaluate(config, smoke_data, tmp_path):
+    """Record-level DP sites release only noised weights: no federated evaluation of their records."""
+    root = tmp_path / "data"
+    shutil.copytree(smoke_data / "train", root / "train")
+    private = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, root=str(root)),
+        federation=dataclasses.replace(config.federation, rounds=1),
+        privacy=dataclasses.replace(config.privacy, record=dataclasses.replace(config.privacy.record, enabled=True)),
+        site_privacy=dataclasses.replace(config.site_privacy, ledger_dir=str(tmp_path / "ledgers")),
+    )
+    summary, _, grid = run(private, tmp_path / "run")
+    (line,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert line["sites_replied"] == 3 and "federated_eval" not in line
+    assert "evaluate" not in grid.sent and summary["status"] == "completed"
+
+
 def test_resume_in_process_matches(config, tmp_path):
     four = dataclasses.replace(config, federation=dataclasses.replace(config.federation, rounds=4, eval_every=4))
     run(four, tmp_path / "full")
@@ -113,9 +129,9 @@ def test_record_level_dp_reports_epsilon_and_a_site_past_its_budget_refuses(conf
         federation=dataclasses.replace(config.federation, rounds=1, eval_episodes=2),
         privacy=dataclasses.replace(
             config.privacy,
-            record=dataclasses.replace(config.privacy.record, enabled=True, noise_multiplier=1.0,
-                                       ledger_dir=str(ledger)),
+            record=dataclasses.replace(config.privacy.record, enabled=True, noise_multiplier=1.0),
         ),
+        site_privacy=dataclasses.replace(config.site_privacy, ledger_dir=str(ledger)),
     )
     run(private, tmp_path / "first")
     (line,) = [json.loads(x) for x in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]

@@ -389,3 +389,28 @@ def test_too_few_nodes_time_out_with_advice():
     strategy.discovery_timeout, strategy.node_grace = 0.3, 0.1
     with pytest.raises(TimeoutError, match="num-supernodes=3"):
         send(strategy, grid, 1)
+
+
+def test_private_sites_declining_evaluation_are_not_failures(caplog):
+    config = make_config(**{"federation.sites_per_round": 3, "federation.eval_every": 1})
+    params = theta0()
+    state = ServerState(params=params, opt_state=server_opt.init_state(params, config=config.server_opt))
+    strategy = MetaStrategy(config, state, expected_nodes=3, discovery_timeout=1.0, federated_eval=True)
+    grid = FakeGrid(3)
+    arrays = wire.tree_to_record(params)
+    sent = sorted((m.metadata.dst_node_id, m) for m in strategy.configure_evaluate(1, arrays, ConfigRecord(), grid))
+    per_site = int(sent[0][1].content[wire.CONFIG]["episodes"])
+    replies = [
+        Message(Error(code=wire.PRIVATE_SITE_REFUSED, reason="site-a: under record-level DP"), reply_to=sent[0][1]),
+        Message(Error(code=wire.PRIVATE_SITE_REFUSED, reason="site-b: under record-level DP"), reply_to=sent[1][1]),
+        Message(RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: per_site, "accuracy": 0.5, "loss": 1.0})}),
+                reply_to=sent[2][1]),
+    ]
+    with caplog.at_level("INFO"):
+        agg = strategy.aggregate_evaluate(1, replies)
+    fe = strategy.rounds[1]["federated_eval"]
+    assert (fe["sites_private"], fe["sites_failed"], fe["sites_replied"]) == (2, 0, 1)
+    assert agg["accuracy"] == 0.5
+    declined = [r for r in caplog.records if "declined federated evaluation" in r.getMessage()]
+    assert len(declined) == 1 and "site-a, site-b" in declined[0].getMessage()  # once per round
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -115,6 +115,55 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         ledger.record(run_id="r", round=2, steps=ROUND)
     monkeypatch.undo()
     assert path.read_bytes() == before  # the old ledger, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.json", "l.json.lock"]  # no temp file left
+    # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.json", "l.json.lock", "l.json.receipt"]
     assert ledger.epsilon == eps and len(ledger.entries) == 1  # nor a half-applied state
     assert PrivacyLedger.open(path, delta=DELTA).epsilon == eps
+
+
+def test_a_ledger_that_went_backwards_is_refused_and_reset_starts_it_again(tmp_path):
+    from common.privacy.ledger import LedgerRolledBack, reset
+
+    path = tmp_path / "l.json"
+    ledger = PrivacyLedger.open(path, delta=DELTA)
+    ledger.record(run_id="r", round=1, steps=ROUND)
+    one = path.read_bytes()
+    two_eps = ledger.record(run_id="r", round=2, steps=ROUND)
+    two = path.read_bytes()
+    assert json.loads((tmp_path / "l.json.receipt").read_text())["entries"] == 2
+
+    path.unlink()  # deleted
+    with pytest.raises(LedgerRolledBack, match="vouches for 2 recorded rounds.*is missing.*reset-ledger"):
+        PrivacyLedger.open(path, delta=DELTA)
+    path.write_bytes(one)  # an older copy restored
+    with pytest.raises(LedgerRolledBack, match="holds 1"):
+        PrivacyLedger.open(path, delta=DELTA)
+    emptied = json.loads(two)
+    emptied.update(history=[], entries=[])
+    path.write_text(json.dumps(emptied))
+    with pytest.raises(LedgerRolledBack, match="holds 0"):
+        PrivacyLedger.open(path, delta=DELTA)
+    rewritten = json.loads(two)
+    rewritten["entries"][0]["steps"] = [[9.0, 0.01, 1]]  # same length, other history: a forged past
+    rewritten["history"] = [[9.0, 0.01, 1], *rewritten["entries"][1]["steps"]]
+    path.write_text(json.dumps(rewritten))
+    with pytest.raises(LedgerRolledBack, match="differ"):
+        PrivacyLedger.open(path, delta=DELTA)
+
+    path.write_bytes(two)  # the real ledger back: it goes on
+    assert PrivacyLedger.open(path, delta=DELTA).epsilon == two_eps
+    moved = reset(path)
+    assert [old.name for old, _ in moved] == ["l.json", "l.json.receipt"]
+    assert all(new.is_file() and ".reset-" in new.name for _, new in moved)  # kept aside, not deleted
+    fresh = PrivacyLedger.open(path, delta=DELTA)
+    assert fresh.epsilon == 0.0 and fresh.entries == []
+
+
+def test_a_ledger_without_a_receipt_is_adopted(tmp_path):
+    path = tmp_path / "l.json"
+    ledger = PrivacyLedger.open(path, delta=DELTA)
+    ledger.record(run_id="r", round=1, steps=ROUND)
+    (tmp_path / "l.json.receipt").unlink()  # written before receipts existed
+    again = PrivacyLedger.open(path, delta=DELTA)
+    again.record(run_id="r", round=2, steps=ROUND)
+    assert json.loads((tmp_path / "l.json.receipt").read_text())["entries"] == 2
