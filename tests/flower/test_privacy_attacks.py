@@ -28,22 +28,30 @@ from tests.flower.test_client_app import train_message
 from tests.flower.test_server_app import InProcessGrid
 
 
-def private_config(smoke_config, smoke_data, ledgers, **record):
-    values = {"enabled": True, "noise_multiplier": 2.0, "clip_norm": 1.0, "sample_rate": 0.5,
-              "ledger_dir": str(ledgers), **record}
+def private_config(smoke_config, smoke_data, ledgers, *, reproducible_noise=False, **record):
+    values = {"enabled": True, "noise_multiplier": 2.0, "clip_norm": 1.0, "sample_rate": 0.5, **record}
     return dataclasses.replace(
         smoke_config,
         data=dataclasses.replace(smoke_config.data, root=str(smoke_data), generate=False),
         federation=dataclasses.replace(smoke_config.federation, rounds=1, eval_episodes=2),
         privacy=dataclasses.replace(smoke_config.privacy,
                                     record=dataclasses.replace(smoke_config.privacy.record, **values)),
+        site_privacy=dataclasses.replace(smoke_config.site_privacy, ledger_dir=str(ledgers),
+                                         reproducible_noise=reproducible_noise),
     )
+
+
+def node_config(config, site_dir):
+    """A deployed site's node config: its data, and its own policy (ledger, reproducibility)."""
+    policy = config.site_privacy
+    return {"data-path": str(site_dir), "privacy-ledger-dir": policy.ledger_dir,
+            "privacy-reproducible-noise": policy.reproducible_noise}
 
 
 def site_reply(config, theta, site_dir, seed):
     """The real ClientApp handler at the node serving ``site_dir``: the weights it sends back, its metrics."""
     app = make_client_app(config)
-    context = Context(run_id=7, node_id=1, node_config={"data-path": str(site_dir)}, state=RecordDict(),
+    context = Context(run_id=7, node_id=1, node_config=node_config(config, site_dir), state=RecordDict(),
                       run_config={})
     out = app(train_message(config, theta, seed=seed), context)
     assert not out.has_error(), out.error.reason if out.has_error() else ""
@@ -51,9 +59,13 @@ def site_reply(config, theta, site_dir, seed):
 
 
 def rebuilt_by_the_server(config, theta, site_dir, seed, ledgers):
-    """The server's reconstruction: the site's own code, run on the site's records with the seed it sent."""
-    attacker = dataclasses.replace(config, privacy=dataclasses.replace(
-        config.privacy, record=dataclasses.replace(config.privacy.record, ledger_dir=str(ledgers))))
+    """The server's reconstruction: the site's own code, run on the site's records with the seed it sent.
+
+    Its best guess derives the noise and the coins from that seed, as the
+    site's reproducible mode does.
+    """
+    attacker = dataclasses.replace(config, site_privacy=dataclasses.replace(
+        config.site_privacy, ledger_dir=str(ledgers), reproducible_noise=True))
     task = Task(attacker)
     message = train_message(config, theta, seed=seed)
     round_config = dict(message.content[wire.CONFIG])
