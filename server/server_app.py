@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,10 @@ class MetaRun:
         theta0 = tree.clone(task.initial_parameters(seed=self.config.federation.seed))
         if not self.resume:
             return ServerState(params=theta0, opt_state=server_opt.init_state(theta0, config=self.config.server_opt))
-        state, _saved = checkpoint.load_latest(self.run_dir)
+        state, _saved = checkpoint.load_latest(
+            self.run_dir,
+            on_damaged=lambda path, reason: log(WARNING, "resume: skipping a damaged checkpoint: %s", reason),
+        )
         if state.params.keys() != theta0.keys() or any(
             state.params[k].shape != theta0[k].shape for k in theta0
         ):

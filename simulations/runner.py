@@ -82,6 +82,10 @@ def simulate(config: Config, *, resume_dir: str | Path | None = None, verbose: b
             )
     train = prepare_data(config)
     backend = backend_config(config)
+    if resume_dir is not None:  # every checkpoint damaged: say so before Ray starts
+        from server import checkpoint
+
+        checkpoint.load_latest(run_dir, on_damaged=lambda path, reason: None)
 
     import ray  # the heavy imports, once the input is known to be good
     from flwr.simulation import run_simulation
