@@ -47,6 +47,9 @@ class DataConfig:
     # baseline wander on series), as a multiple of its reference strength;
     # 0 leaves the benchmark as it always was. It defeats raw-input similarity.
     interference: float = 0.0
+    # Follow links in a site folder that lead outside it (refused by default:
+    # a site's data is what its folder holds).
+    allow_external_links: bool = False
     seed: int = 0
 
 

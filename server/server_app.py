@@ -255,7 +255,12 @@ class MetaRun:
         self._rewrite_metrics(self.state.history)
 
         test_dirs = site_dirs.test_site_dirs(config.data.root)
-        self.test_sites = [self.task.load_site(p) for p in test_dirs]
+        self.test_sites = []
+        for path in test_dirs:
+            try:
+                self.test_sites.append(self.task.load_site(path))
+            except ValueError as err:  # SiteDataError: one bad held-out site must not stop the run
+                log(WARNING, "held-out site %s left out of the meta-test: %s", path.name, err)
         federated_eval = not self.test_sites
         if federated_eval:
             log(INFO, "no held-out sites under %s/test: evaluating at the sites instead", config.data.root)
