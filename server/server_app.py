@@ -74,6 +74,17 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def failed_rounds(history: list[dict[str, Any]], *, poisson: bool) -> list[int]:
+    """The rounds that had no valid site update.
+
+    Under Poisson sampling a round may sample no site by design; that is not a failure.
+    """
+    return [
+        line["round"] for line in history
+        if line.get("sites_replied", 0) == 0 and (line.get("sites_sampled", 0) > 0 or not poisson)
+    ]
+
+
 def scalar_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     return {
         k: float(v) for k, v in report.items()
@@ -209,6 +220,9 @@ class MetaRun:
         line["bytes_received"] = rec["bytes_received"]
         if rec["failures"]:
             line["failures"] = rec["failures"]
+        if line["sites_replied"] == 0 and line["sites_missing"]:
+            log(WARNING, "round %d: none of the %d sampled sites replied within federation.round_timeout=%.0fs; "
+                "raise it if the sites need longer", r, line["sites_sampled"], fed.round_timeout)
         self.state.history.append(line)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(line) + "\n")
@@ -306,9 +320,21 @@ class MetaRun:
             plots = [str(p) for p in plot_run(self.state.history, self.run_dir)]
         except Exception as err:  # noqa: BLE001 - a plot failure must not lose the run
             log(INFO, "plots not written: %s", err)
+        failed = failed_rounds(self.state.history, poisson=self.config.federation.poisson)
+        share = self.config.federation.max_failed_round_share
+        status, reason = "completed", None
+        if self.state.history and len(failed) > share * len(self.state.history):
+            status = "failed"
+            shown = ", ".join(map(str, failed[:10])) + (" ..." if len(failed) > 10 else "")
+            reason = (
+                f"{len(failed)} of {len(self.state.history)} rounds had no valid site update (rounds {shown}), "
+                f"more than federation.max_failed_round_share={share:g}: see the failures in {self.metrics_path}"
+            )
+            log(WARNING, "%s", reason)
         summary = {
             "name": self.config.name,
-            "status": "completed",
+            "status": status,
+            **({"reason": reason} if reason else {}),
             "rounds": self.state.round,
             "algorithm": self.config.algorithm.name,
             "final_meta_test": final,
@@ -336,8 +362,12 @@ def make_server_app(
     resume: bool = False,
     on_round: Callable[[str], None] | None = None,
     expected_nodes: int | None = None,
+    on_exit: Callable[[], None] | None = None,
 ) -> ServerApp:
-    """A ServerApp bound to ``config`` (simulate command), or (None) reading the run config."""
+    """A ServerApp bound to ``config`` (simulate command), or (None) reading the run config.
+
+    ``on_exit()`` is called when the app's main returns or raises.
+    """
     app = ServerApp()
 
     @app.main()
@@ -349,7 +379,11 @@ def make_server_app(
             cfg = site_dirs.config_from_run_config(run_config)
             if resume_dir:
                 where, again = Path(resume_dir), True
-        MetaRun(cfg, where, resume=again, on_round=on_round, expected_nodes=expected_nodes).execute(grid)
+        try:
+            MetaRun(cfg, where, resume=again, on_round=on_round, expected_nodes=expected_nodes).execute(grid)
+        finally:
+            if on_exit is not None:
+                on_exit()
 
     return app
 
