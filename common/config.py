@@ -47,6 +47,9 @@ class DataConfig:
     # baseline wander on series), as a multiple of its reference strength;
     # 0 leaves the benchmark as it always was. It defeats raw-input similarity.
     interference: float = 0.0
+    # Follow links in a site folder that lead outside it (refused by default:
+    # a site's data is what its folder holds).
+    allow_external_links: bool = False
     seed: int = 0
 
 
@@ -128,6 +131,12 @@ class FederationConfig:
     eval_episodes: int = 200
     checkpoint_every: int = 5
     round_timeout: float = 600.0
+    # Waiting for the sites to connect and say which site they serve (workers
+    # start up: seconds per worker), separate from a round's own timeout.
+    discovery_timeout: float = 300.0
+    # A run in which more than this share of its rounds had no valid site
+    # update ends as failed (exit code 1).
+    max_failed_round_share: float = 0.5
     seed: int = 0
 
 
@@ -238,6 +247,95 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "privacy.client.accountant": ("rdp", "prv"),
     "site_privacy.accountant": ("rdp", "prv"),
     "runtime.dtype": ("float32", "float64"),
+}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The values a numeric key may take; NaN is never inside, infinity only at a closed end."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = True
+
+    def contains(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf and self.high_open:
+            return f"{'>' if self.low_open else '>='} {self.low:g} and finite"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+_AT_LEAST_0, _AT_LEAST_1 = Interval(0), Interval(1)
+_POSITIVE = Interval(0, low_open=True)  # > 0 and finite
+_SHARE = Interval(0, 1, high_open=False)  # [0, 1]
+_BETA = Interval(0, 1)  # [0, 1)
+
+# Every numeric key of the schema and the values that make sense for it.
+# ``validate`` checks each one; a test walks the schema to keep this complete.
+_RANGES: dict[str, Interval] = {
+    "data.num_train_sites": _AT_LEAST_1,
+    "data.num_test_sites": _AT_LEAST_0,
+    "data.num_classes": _AT_LEAST_1,
+    "data.classes_per_site": _AT_LEAST_1,
+    "data.records_per_class": _AT_LEAST_1,
+    "data.site_missing_rate": _SHARE,
+    "data.record_missing_rate": _SHARE,
+    "data.interference": _AT_LEAST_0,
+    "data.seed": _AT_LEAST_0,
+    "episodes.ways": _AT_LEAST_1,
+    "episodes.shots": _AT_LEAST_1,
+    "episodes.train_shots": _AT_LEAST_0,
+    "episodes.query_shots": _AT_LEAST_1,
+    "episodes.episodes_per_round": _AT_LEAST_1,
+    "model.hidden": _AT_LEAST_1,
+    "model.embed_dim": _AT_LEAST_1,
+    "model.groups": _AT_LEAST_1,
+    "algorithm.inner_steps": _AT_LEAST_0,
+    "algorithm.inner_lr": _POSITIVE,
+    "algorithm.eval_inner_steps": _AT_LEAST_1,
+    "algorithm.client_meta_lr": _POSITIVE,
+    "algorithm.local_meta_steps": _AT_LEAST_1,
+    "server_opt.lr": _POSITIVE,
+    "server_opt.momentum": _BETA,
+    "server_opt.beta1": _BETA,
+    "server_opt.beta2": _BETA,
+    "server_opt.eps": _POSITIVE,
+    "federation.rounds": _AT_LEAST_1,
+    "federation.sites_per_round": _AT_LEAST_0,
+    "federation.fraction": _SHARE,
+    "federation.min_sites": _AT_LEAST_1,
+    "federation.eval_every": _AT_LEAST_0,  # 0: after the last round only
+    "federation.eval_episodes": _AT_LEAST_1,
+    "federation.checkpoint_every": _AT_LEAST_0,  # 0: after the last round only
+    "federation.round_timeout": _POSITIVE,
+    "federation.discovery_timeout": _POSITIVE,
+    "federation.max_failed_round_share": _SHARE,
+    "federation.seed": _AT_LEAST_0,
+    "privacy.record.noise_multiplier": _AT_LEAST_0,
+    "privacy.record.clip_norm": _POSITIVE,
+    "privacy.record.sample_rate": Interval(0, 1, low_open=True, high_open=False),
+    "privacy.record.target_epsilon": _AT_LEAST_0,  # 0: use noise_multiplier as given
+    "privacy.record.max_epsilon": Interval(0, math.inf, low_open=True, high_open=False),  # inf: no limit
+    "privacy.record.delta": Interval(0, 1, low_open=True),
+    "privacy.record.records_per_class": _AT_LEAST_0,  # 0: data.records_per_class
+    "site_privacy.max_epsilon": Interval(0, math.inf, low_open=True, high_open=False),  # inf: no limit
+    "site_privacy.delta": Interval(0, 1, low_open=True),
+    "site_privacy.min_noise_multiplier": _AT_LEAST_0,
+    "site_privacy.max_round_epsilon": Interval(0, math.inf, low_open=True, high_open=False),
+    "privacy.client.noise_multiplier": _AT_LEAST_0,
+    "privacy.client.clip_norm": _POSITIVE,
+    "privacy.client.target_epsilon": _AT_LEAST_0,
+    "privacy.client.delta": Interval(0, 1, low_open=True),
+    "runtime.num_cpus": _POSITIVE,
+    "runtime.num_gpus": _AT_LEAST_0,
+    "runtime.torch_threads": _AT_LEAST_1,
 }
 
 
@@ -415,19 +513,12 @@ def validate(config: Config) -> Config:
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {flat[key]!r}")
-    positive_ints = [
-        "episodes.ways", "episodes.shots", "episodes.query_shots", "episodes.episodes_per_round",
-        "algorithm.eval_inner_steps", "federation.rounds", "federation.eval_episodes",
-        "data.num_train_sites", "model.hidden", "model.embed_dim",
-        "algorithm.local_meta_steps",
-    ]
-    for key in positive_ints:
-        if flat[key] < 1:
-            raise ConfigError(f"{key} must be at least 1; got {flat[key]}")
-    if config.algorithm.inner_steps < 0:
-        raise ConfigError(f"algorithm.inner_steps must be >= 0; got {config.algorithm.inner_steps}")
-    if not 0.0 <= config.federation.fraction <= 1.0:
-        raise ConfigError(f"federation.fraction must be in [0, 1]; got {config.federation.fraction}")
+    for key, interval in _RANGES.items():
+        if not interval.contains(flat[key]):
+            raise ConfigError(f"{key} must be {interval}; got {flat[key]!r}")
+    for key, value in flat.items():  # a numeric key without a row above: at least finite
+        if isinstance(value, float) and key not in _RANGES and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number; got {value!r}")
     if config.federation.fraction == 0.0 and config.federation.sites_per_round < 1:
         raise ConfigError("federation.sites_per_round must be at least 1 (or set federation.fraction)")
     if config.episodes.ways > config.data.classes_per_site:
@@ -441,26 +532,11 @@ def validate(config: Config) -> Config:
             f"and model.embed_dim={config.model.embed_dim}"
         )
     rec = config.privacy.record
-    if rec.records_per_class < 0:
-        raise ConfigError(
-            f"privacy.record.records_per_class must be >= 0 (0 = data.records_per_class); got "
-            f"{rec.records_per_class}. Set it to a typical number of records per class at the sites"
-        )
     if rec.enabled and rec.declared_class_size(config.data) < 1:
         raise ConfigError(
             "privacy.record.records_per_class (or data.records_per_class) must be >= 1 under record-level DP: "
             "it fixes the DP-SGD divisor; set it to a typical number of records per class at the sites"
         )
-    if rec.enabled and not 0.0 < rec.sample_rate <= 1.0:
-        raise ConfigError(f"privacy.record.sample_rate must be in (0, 1]; got {rec.sample_rate}")
-    for level in ("record", "client"):
-        dp = getattr(config.privacy, level)
-        if dp.enabled and not (dp.clip_norm > 0):
-            raise ConfigError(f"privacy.{level}.clip_norm must be > 0; got {dp.clip_norm}")
-        if dp.enabled and dp.noise_multiplier < 0:
-            raise ConfigError(f"privacy.{level}.noise_multiplier must be >= 0")
-        if not 0.0 < dp.delta < 1.0:
-            raise ConfigError(f"privacy.{level}.delta must be in (0, 1); got {dp.delta}")
     if rec.enabled and config.algorithm.name == "maml" and not config.algorithm.first_order:
         # The second-order term differentiates through the support's clipped
         # per-record gradients: one support record moves every query record's

@@ -158,7 +158,8 @@ class Task:
         if key not in self._sites:
             episodes = self.config.episodes
             needed = max(episodes.shots, episodes.effective_train_shots) + episodes.query_shots
-            self._sites[key] = load_site(path, schema=self.schema, min_records_per_class=0)
+            self._sites[key] = load_site(path, schema=self.schema, min_records_per_class=0,
+                                         allow_external_links=self.config.data.allow_external_links)
             self._check_site_can_serve(self._sites[key], needed)
         return self._sites[key]
 

@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,17 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def failed_rounds(history: list[dict[str, Any]], *, poisson: bool) -> list[int]:
+    """The rounds that had no valid site update.
+
+    Under Poisson sampling a round may sample no site by design; that is not a failure.
+    """
+    return [
+        line["round"] for line in history
+        if line.get("sites_replied", 0) == 0 and (line.get("sites_sampled", 0) > 0 or not poisson)
+    ]
 
 
 def scalar_metrics(report: Mapping[str, Any]) -> dict[str, float]:
@@ -190,7 +201,10 @@ class MetaRun:
         theta0 = tree.clone(task.initial_parameters(seed=self.config.federation.seed))
         if not self.resume:
             return ServerState(params=theta0, opt_state=server_opt.init_state(theta0, config=self.config.server_opt))
-        state, _saved = checkpoint.load_latest(self.run_dir)
+        state, _saved = checkpoint.load_latest(
+            self.run_dir,
+            on_damaged=lambda path, reason: log(WARNING, "resume: skipping a damaged checkpoint: %s", reason),
+        )
         if state.params.keys() != theta0.keys() or any(
             state.params[k].shape != theta0[k].shape for k in theta0
         ):
@@ -250,6 +264,9 @@ class MetaRun:
         line["bytes_received"] = rec["bytes_received"]
         if rec["failures"]:
             line["failures"] = rec["failures"]
+        if line["sites_replied"] == 0 and line["sites_missing"]:
+            log(WARNING, "round %d: none of the %d sampled sites replied within federation.round_timeout=%.0fs; "
+                "raise it if the sites need longer", r, line["sites_sampled"], fed.round_timeout)
         self.state.history.append(line)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(line) + "\n")
@@ -296,7 +313,12 @@ class MetaRun:
         self._rewrite_metrics(self.state.history)
 
         test_dirs = site_dirs.test_site_dirs(config.data.root)
-        self.test_sites = [self.task.load_site(p) for p in test_dirs]
+        self.test_sites = []
+        for path in test_dirs:
+            try:
+                self.test_sites.append(self.task.load_site(path))
+            except ValueError as err:  # SiteDataError: one bad held-out site must not stop the run
+                log(WARNING, "held-out site %s left out of the meta-test: %s", path.name, err)
         federated_eval = not self.test_sites and not config.privacy.record.enabled
         if federated_eval:
             log(INFO, "no held-out sites under %s/test: evaluating at the sites instead", config.data.root)
@@ -345,9 +367,21 @@ class MetaRun:
             plots = [str(p) for p in plot_run(self.state.history, self.run_dir)]
         except Exception as err:  # noqa: BLE001 - a plot failure must not lose the run
             log(INFO, "plots not written: %s", err)
+        failed = failed_rounds(self.state.history, poisson=self.config.federation.poisson)
+        share = self.config.federation.max_failed_round_share
+        status, reason = "completed", None
+        if self.state.history and len(failed) > share * len(self.state.history):
+            status = "failed"
+            shown = ", ".join(map(str, failed[:10])) + (" ..." if len(failed) > 10 else "")
+            reason = (
+                f"{len(failed)} of {len(self.state.history)} rounds had no valid site update (rounds {shown}), "
+                f"more than federation.max_failed_round_share={share:g}: see the failures in {self.metrics_path}"
+            )
+            log(WARNING, "%s", reason)
         summary = {
             "name": self.config.name,
-            "status": "completed",
+            "status": status,
+            **({"reason": reason} if reason else {}),
             "rounds": self.state.round,
             "algorithm": self.config.algorithm.name,
             "final_meta_test": final,
@@ -376,8 +410,12 @@ def make_server_app(
     resume: bool = False,
     on_round: Callable[[str], None] | None = None,
     expected_nodes: int | None = None,
+    on_exit: Callable[[], None] | None = None,
 ) -> ServerApp:
-    """A ServerApp bound to ``config`` (simulate command), or (None) reading the run config."""
+    """A ServerApp bound to ``config`` (simulate command), or (None) reading the run config.
+
+    ``on_exit()`` is called when the app's main returns or raises.
+    """
     app = ServerApp()
 
     @app.main()
@@ -389,7 +427,11 @@ def make_server_app(
             cfg = site_dirs.config_from_run_config(run_config)
             if resume_dir:
                 where, again = Path(resume_dir), True
-        MetaRun(cfg, where, resume=again, on_round=on_round, expected_nodes=expected_nodes).execute(grid)
+        try:
+            MetaRun(cfg, where, resume=again, on_round=on_round, expected_nodes=expected_nodes).execute(grid)
+        finally:
+            if on_exit is not None:
+                on_exit()
 
     return app
 

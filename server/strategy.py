@@ -142,9 +142,10 @@ class MetaStrategy(FedAvg):
         self.expected_nodes = max(expected_nodes, fed.min_sites)
         self.round_offset = round_offset
         self.federated_eval = federated_eval
-        self.discovery_timeout = fed.round_timeout if discovery_timeout is None else discovery_timeout
+        self.discovery_timeout = fed.discovery_timeout if discovery_timeout is None else discovery_timeout
         self.node_grace = min(30.0, self.discovery_timeout)
         self._waited = False
+        self._queried = False  # the first site query has been sent
         self._eval_sites = 1  # sites asked to evaluate this round
         self.node_sites: dict[int, str] = {}  # node id -> site id
         self.rounds: dict[int, dict[str, Any]] = {}  # per-round record
@@ -185,7 +186,13 @@ class MetaStrategy(FedAvg):
         directory the server can see, in simulation) for up to ``node_grace``
         seconds, then go on with those connected if there are at least
         ``federation.min_sites``, with a warning. Always wait for ``min_sites``,
-        up to ``federation.round_timeout``.
+        up to ``federation.discovery_timeout``.
+
+        The first site query waits up to ``federation.discovery_timeout`` for
+        the answers (workers are still starting: seconds each), and says how
+        many nodes answered; no node answering at all is an error, never a
+        round trained on zero sites. Later queries (nodes that did not answer
+        yet) wait at most a round's timeout.
         """
         start = time.monotonic()
         deadline = start + self.discovery_timeout
@@ -204,11 +211,12 @@ class MetaStrategy(FedAvg):
             if now > deadline:
                 raise TimeoutError(
                     f"only {len(node_ids)} of {want} sites connected within "
-                    f"{self.discovery_timeout:.0f}s (federation.round_timeout); in a simulation give "
+                    f"{self.discovery_timeout:.0f}s (federation.discovery_timeout); in a simulation give "
                     "one supernode per site directory (flwr run: --federation-config "
                     f"'num-supernodes={want}')"
                 )
             time.sleep(0.1)
+        first = not self._queried
         self._waited = True
         new = [n for n in node_ids if n not in self.node_sites]
         if new:
@@ -216,7 +224,18 @@ class MetaStrategy(FedAvg):
                 Message(RecordDict({wire.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
                 for n in new
             ]
-            for reply in grid.send_and_receive(queries, timeout=self.discovery_timeout):
+            timeout = self.discovery_timeout if first else min(self.discovery_timeout, self.config.federation.round_timeout)
+            t0 = time.monotonic()
+            replies = list(grid.send_and_receive(queries, timeout=timeout))
+            self._queried = True
+            if len(replies) < len(new):
+                log(
+                    WARNING,
+                    "%d of %d nodes answered the site query within %.0fs (federation.discovery_timeout=%.0fs); "
+                    "going on with those that did",
+                    len(replies), len(new), time.monotonic() - t0, self.discovery_timeout,
+                )
+            for reply in replies:
                 node = reply.metadata.src_node_id
                 if reply.has_error():
                     log(WARNING, "node %d did not say which site it serves: %s", node, reply.error.reason)
@@ -232,6 +251,11 @@ class MetaStrategy(FedAvg):
             if dupes:
                 log(WARNING, "several nodes serve the same site id: %s", ", ".join(dupes))
             log(INFO, "%d sites known (%d new)", len(self.node_sites), len(new))
+            if first and not self.node_sites:
+                raise TimeoutError(
+                    f"none of the {len(new)} nodes said which site it serves within {timeout:.0f}s: raise "
+                    "federation.discovery_timeout if the workers start slowly, or see the nodes' errors above"
+                )
         live = set(node_ids)
         return sorted((s, n) for n, s in self.node_sites.items() if n in live)
 

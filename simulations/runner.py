@@ -13,7 +13,9 @@ import dataclasses
 import json
 import logging
 import sys
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +78,19 @@ def backend_config(config: Config) -> dict[str, Any]:
     }
 
 
-def simulate(config: Config, *, resume_dir: str | Path | None = None, verbose: bool = False) -> int:
-    """Run the simulation in the foreground; 0 when the run completed."""
+def simulate(
+    config: Config,
+    *,
+    resume_dir: str | Path | None = None,
+    verbose: bool = False,
+    client_app_factory: Callable[[Config], Any] | None = None,
+) -> int:
+    """Run the simulation in the foreground; 0 when the run completed, 1 when it failed.
+
+    ``client_app_factory(config)`` builds the ClientApp (default: metafed's own,
+    :func:`client.client_app.make_client_app`); one that wraps it can add
+    behaviour around the real handlers.
+    """
     config = absolute_paths(config)
     if resume_dir is not None:
         run_dir = Path(resume_dir).resolve()
@@ -98,12 +111,18 @@ def simulate(config: Config, *, resume_dir: str | Path | None = None, verbose: b
         ) from None
     train = prepare_data(config)
     backend = backend_config(config)
+    if resume_dir is not None:  # every checkpoint damaged: say so before Ray starts
+        from server import checkpoint
+
+        checkpoint.load_latest(run_dir, on_damaged=lambda path, reason: None)
 
     import ray  # the heavy imports, once the input is known to be good
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
     from server.server_app import make_run_dir, make_server_app
+    from simulations import watchdog
+    from simulations.ray_backend import resilient_backend
 
     if verbose:  # the workers' own output (a site's failure also comes back as an error reply)
         backend["init_args"]["log_to_driver"] = True
@@ -122,19 +141,27 @@ def simulate(config: Config, *, resume_dir: str | Path | None = None, verbose: b
     def progress(text: str) -> None:
         print(text, flush=True)
 
+    # Set once the ServerApp has finished: a site call still running then is stopped.
+    server_done = threading.Event()
     server_app = make_server_app(
-        config, run_dir=run_dir, resume=resume_dir is not None, on_round=progress, expected_nodes=len(train)
+        config, run_dir=run_dir, resume=resume_dir is not None, on_round=progress, expected_nodes=len(train),
+        on_exit=server_done.set,
     )
-    client_app = make_client_app(config)
+    client_app = (client_app_factory or make_client_app)(config)
+    fed = config.federation
+    # A call later than both timeouts is of no use to the server.
+    call_timeout = max(fed.round_timeout, fed.discovery_timeout) + 10.0
+    guard = watchdog.start()  # ends Ray's processes should this process be killed
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=len(train),
-            backend_name="ray",
-            backend_config=backend,
-            verbose_logging=verbose,
-        )
+        with resilient_backend(release=server_done, call_timeout=call_timeout):
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=len(train),
+                backend_name="ray",
+                backend_config=backend,
+                verbose_logging=verbose,
+            )
     except Exception as err:  # noqa: BLE001 - reported, and the exit code says so
         cause = err.__cause__ or err
         print(f"error: the run failed: {type(cause).__name__}: {cause}", file=sys.stderr, flush=True)
@@ -146,11 +173,22 @@ def simulate(config: Config, *, resume_dir: str | Path | None = None, verbose: b
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        if guard is not None:
+            guard.kill()
+            guard.wait()
+    return report_summary(run_dir)
+
+
+def report_summary(run_dir: Path) -> int:
+    """Print how a finished run went; 0 when it completed, 1 when it failed or left no summary."""
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         print(f"error: the run ended without writing {summary_path}", file=sys.stderr, flush=True)
         return 1
     summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "completed":
+        print(f"error: the run failed: {summary.get('reason', summary.get('status'))}", file=sys.stderr, flush=True)
+        return 1
     final = summary.get("final_meta_test") or {}
     if final.get("accuracy") is not None:
         ci = final.get("ci95")

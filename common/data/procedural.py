@@ -45,6 +45,7 @@ modality), so the default 100 + 20 sites take seconds.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -584,7 +585,14 @@ def load_benchmark_schema(root: str | os.PathLike) -> Schema:
     schema: dict[str, ModalitySpec] = {}
     origin: dict[str, Path] = {}
     for site in sites:
-        for name, spec in read_manifest(site)["specs"].items():
+        try:
+            specs = read_manifest(site)["specs"]
+        except SiteDataError as err:
+            # One bad site must not stop the others: it is left out here, and
+            # loading it for a round fails with this message at that site.
+            logging.getLogger("metafed.data").warning("site %s left out: %s", site, err)
+            continue
+        for name, spec in specs.items():
             if name in schema and schema[name] != spec:
                 raise SiteDataError(
                     f"{site / 'manifest.yaml'}: modality {name!r} is {spec.to_dict()} but "

@@ -70,8 +70,19 @@ class SiteDataError(ValueError):
     """
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None) -> None:
-        super().__init__(message)
+        super().__init__(_bounded(message))
         self.path = Path(path) if path is not None else None
+
+
+MAX_MESSAGE = 500
+
+
+def _bounded(message: str, limit: int = MAX_MESSAGE) -> str:
+    """At most ``limit`` characters: the head (what and where) and the tail (the fix) survive."""
+    if len(message) <= limit:
+        return message
+    tail = limit // 3
+    return message[: limit - tail - 5] + " ... " + message[-tail:]
 
 
 def _err(path: Path | str | None, what: str, fix: str) -> SiteDataError:
@@ -141,6 +152,25 @@ _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` (with libyaml's parser when available)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
+
+
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def _refuse_aliases(text: str, path: Path) -> None:
+    """Refuse YAML anchors and aliases before anything is built.
+
+    Aliases nest: nine levels of ``&a [*b, *b, ...]`` expand to gigabytes (a
+    "billion laughs"). The event stream names anchors and aliases without
+    expanding them, so this costs one pass over the text.
+    """
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _err(
+                path,
+                "uses YAML anchors or aliases (& and *), which manifests may not",
+                "write every value out in full (common.data.write_site writes manifests without them)",
+            )
 
 
 def dump_yaml(doc: Any) -> str:
@@ -215,8 +245,17 @@ def read_manifest(site_dir: str | os.PathLike) -> dict:
             "every site folder needs a manifest.yaml (see docs/site-format.md); write the site "
             "with common.data.write_site to get one",
         )
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise _err(
+            path,
+            f"is {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES} bytes",
+            "keep only the manifest's fields in it (see docs/site-format.md)",
+        )
     try:
-        manifest = load_yaml(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        _refuse_aliases(text, path)
+        manifest = load_yaml(text)
     except yaml.YAMLError as e:
         raise _err(path, f"is not valid YAML ({e})", "correct the YAML syntax (see docs/site-format.md)") from None
     except UnicodeDecodeError:
@@ -278,7 +317,58 @@ def read_manifest(site_dir: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------- arrays
 
 
+def _check_npy_size(path: Path) -> None:
+    """The size a ``.npy`` header declares (shape x dtype) must be the file's, before numpy allocates it."""
+    from numpy.lib import format as npy_format
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                return  # not a .npy: np.load's own error says so
+            f.seek(0)
+            version = npy_format.read_magic(f)
+            if version == (1, 0):
+                shape, _fortran, dtype = npy_format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _fortran, dtype = npy_format.read_array_header_2_0(f)
+            else:
+                return  # other versions: np.load refuses or reads them itself
+            data_start = f.tell()
+    except (ValueError, OSError, EOFError) as e:
+        raise _err(path, f"has an unreadable .npy header ({_short(e)})", "write it with numpy.save") from None
+    if dtype.hasobject:
+        return  # an object array: np.load(allow_pickle=False) refuses it with its own message
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    held = path.stat().st_size - data_start
+    if declared != held:
+        raise _err(
+            path,
+            f"its header declares {dtype}{list(shape)} ({declared} bytes) but the file holds {held} bytes "
+            "of data",
+            "the file is truncated or its header is wrong: write it again with numpy.save",
+        )
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_inside(site_dir: Path, path: Path, allow_external_links: bool) -> None:
+    """A file of a site must lie inside its folder once links are followed, unless allowed."""
+    if allow_external_links:
+        return
+    real = path.resolve()
+    if not real.is_relative_to(site_dir.resolve()):
+        raise _err(
+            path,
+            f"is a link to {_short(real)}, outside the site folder",
+            "copy the file into the site folder, or set data.allow_external_links=true if the link is meant",
+        )
+
+
 def _load_npy(path: Path) -> np.ndarray:
+    _check_npy_size(path)
     try:
         arr = np.load(path, allow_pickle=False)
     except ValueError as e:
@@ -483,6 +573,7 @@ def load_site(
     *,
     schema: Mapping[str, ModalitySpec] | None = None,
     min_records_per_class: int = 0,
+    allow_external_links: bool = False,
 ) -> SiteData:
     """Read and validate a site directory in full.
 
@@ -491,9 +582,13 @@ def load_site(
     schema's modalities (the episode samplers fill them with zeros and mask
     False). ``min_records_per_class`` (shots + query shots) makes a class with
     fewer records an error up front rather than in the middle of training.
-    Raises :class:`SiteDataError` naming the file and the fix.
+    A file that is a link to somewhere outside the site folder is refused
+    unless ``allow_external_links``. Raises :class:`SiteDataError` naming the
+    file and the fix.
     """
     site_dir = Path(site_dir)
+    if (site_dir / MANIFEST).is_file():
+        _check_inside(site_dir, site_dir / MANIFEST, allow_external_links)
     manifest = read_manifest(site_dir)
     specs: dict[str, ModalitySpec] = manifest["specs"]
     # Which files must, may and do exist.
@@ -521,6 +616,8 @@ def load_site(
         )
     files: dict[str, Path] = {key: site_dir / fname for fname, key in required.items()}
     files |= {key: site_dir / fname for fname, key in optional.items() if fname in present}
+    for path in files.values():
+        _check_inside(site_dir, path, allow_external_links)
     labels = _load_npy(files["labels"])
     arrays = {m: _load_npy(files[m]) for m in specs}
     masks = {m: _load_npy(files[f"{m}.mask"]) for m in specs if f"{m}.mask" in files}
