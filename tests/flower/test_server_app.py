@@ -148,7 +148,8 @@ def test_record_level_dp_reports_epsilon_and_a_site_past_its_budget_refuses(conf
     (line,) = [json.loads(x) for x in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
     assert (line["sites_failed"], line["sites_replied"]) == (3, 0)
     assert all("refuses to train" in f["reason"] for f in line["failures"])
-    assert summary["status"] == "completed"
+    # No round had a valid update: the run says it failed, and why.
+    assert summary["status"] == "failed" and "no valid site update" in summary["reason"]
 
 
 def test_client_level_dp_run_reports_cumulative_epsilon(config, tmp_path):
