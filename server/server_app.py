@@ -197,6 +197,12 @@ class MetaRun:
             line["federated_eval"] = rec["federated_eval"]
         if "privacy" in rec:
             line["privacy"] = rec["privacy"]
+        # What the reply checks refused or cut (server.reply_checks), and the robust rule's report.
+        line["bounds"] = {"rejected": dict(rec.get("rejected", {})), "clipped": rec.get("clipped", 0),
+                          "metrics_dropped": rec.get("metrics_dropped", 0),
+                          "median_update_norm": rec.get("median_update_norm", 0.0)}
+        if "aggregation" in rec:
+            line["aggregation"] = rec["aggregation"]
         last_acc = self._last_accuracy(self.state.history + [line])
         line["last_meta_test_accuracy"] = last_acc
         self.state.elapsed = self.elapsed_before + (time.time() - self.session_start)
