@@ -94,10 +94,11 @@ class ReplayGuard:
             self._rounds.append(set(digests))
 
 
-# Plausible ranges of the metrics a site reports, by name (suffix match on the
-# last word): a value outside is dropped before it reaches metrics.jsonl.
+# Plausible ranges of the metrics a site reports, by a word of their name
+# (``query_loss``, ``epsilon_max``): a value outside is dropped before it
+# reaches metrics.jsonl and the progress line.
 _RANGES: tuple[tuple[str, float, float, bool], ...] = (
-    # (name ends with, low, high, infinity allowed)
+    # (word in the name, low, high, infinity allowed)
     ("loss", 0.0, math.inf, False),
     ("accuracy", 0.0, 1.0, False),
     ("epsilon", 0.0, math.inf, True),
@@ -127,8 +128,8 @@ def check_metrics(metrics: Mapping[str, object], *, skip: Iterable[str] = ()) ->
             continue
         v = float(value)
         low, high, inf_ok = -math.inf, math.inf, False
-        for suffix, lo, hi, allow_inf in _RANGES:
-            if key.endswith(suffix):
+        for word, lo, hi, allow_inf in _RANGES:
+            if re.search(rf"(^|_){word}(_|$)", key):
                 low, high, inf_ok = lo, hi, allow_inf
                 break
         if math.isnan(v) or (math.isinf(v) and not (inf_ok and v > 0)) or not low <= v <= high:
