@@ -229,7 +229,7 @@ class MetaStrategy(FedAvg):
             for reply in grid.send_and_receive(queries, timeout=self.discovery_timeout):
                 node = reply.metadata.src_node_id
                 if reply.has_error():
-                    log(WARNING, "node %d did not say which site it serves: %s", node, reply.error.reason)
+                    log(WARNING, "node %d did not say which site it serves: %s", node, clean_reason(reply.error.reason))
                     continue
                 try:
                     site_id = str(reply.content[wire.SITE][wire.SITE_ID])
@@ -325,15 +325,15 @@ class MetaStrategy(FedAvg):
             return f"made for round {echo.get('round')!r} (or with another nonce), not for round {server_round}"
         return None
 
-    def validate_train_reply(self, msg: Message, episodes_sent: int) -> tuple[tree.Tree, int, dict[str, float]] | str:
-        """``(phi, episodes, metrics)`` for a well-formed reply, else the reason it is not.
+    def validate_train_reply(
+        self, msg: Message, episodes_sent: int
+    ) -> tuple[tree.Tree, int, dict[str, float], list[str]] | str:
+        """``(phi, episodes, metrics, dropped metric names)`` for a well-formed reply, else why it is not.
 
-        Metrics outside their plausible range are left out of ``metrics``; their
-        names are in ``self.dropped_metrics`` afterwards.
+        Metrics outside their plausible range are left out of ``metrics`` and named in the last item.
         """
         content = msg.content
         arrays = content.array_records
-        self.dropped_metrics: list[str] = []
         if set(arrays) != {wire.ARRAYS}:
             return f"expected one ArrayRecord named '{wire.ARRAYS}', got {sorted(arrays)}"
         record = arrays[wire.ARRAYS]
@@ -365,8 +365,8 @@ class MetaStrategy(FedAvg):
         n = metrics.get(wire.NUM_EXAMPLES)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= episodes_sent:
             return f"'{wire.NUM_EXAMPLES}' must be an integer in [1, {episodes_sent}] (episodes sent), got {n!r}"
-        scalars, self.dropped_metrics = check_metrics(metrics, skip=(wire.NUM_EXAMPLES,))
-        return phi, n, scalars
+        scalars, dropped = check_metrics(metrics, skip=(wire.NUM_EXAMPLES,))
+        return phi, n, scalars, dropped
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -402,11 +402,11 @@ class MetaStrategy(FedAvg):
             if isinstance(checked, str):
                 self._reject(rec, r, site_id, node, "invalid", checked)
                 continue
-            if self.dropped_metrics:
-                rec["metrics_dropped"] += len(self.dropped_metrics)
+            phi, n, metrics, dropped = checked
+            if dropped:
+                rec["metrics_dropped"] += len(dropped)
                 log(WARNING, "round %d: site %s reported metrics out of range, dropped: %s", r, site_id,
-                    ", ".join(self.dropped_metrics[:10]))
-            phi, n, metrics = checked
+                    ", ".join(dropped[:10]))
             digest = record_digest(msg.content[wire.ARRAYS], self.state.params)
             checked_replies.append((site_id, node, phi, n, metrics, digest))
 

@@ -58,7 +58,8 @@ RULES = ("none", "mean", "median", "trimmed_mean", "multikrum", "clipped_mean")
 def rule_config(config: Config, rule: str) -> Config:
     if rule == "none":  # the undefended mean
         replies = dataclasses.replace(config.replies, max_update_norm=math.inf, max_update_ratio=math.inf)
-        return dataclasses.replace(config, replies=replies, aggregation=dataclasses.replace(config.aggregation, rule="mean"))
+        aggregation = dataclasses.replace(config.aggregation, rule="mean")
+        return dataclasses.replace(config, replies=replies, aggregation=aggregation)
     return dataclasses.replace(config, aggregation=dataclasses.replace(config.aggregation, rule=rule))
 
 
