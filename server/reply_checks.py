@@ -210,28 +210,33 @@ def clean_reason(text: str, limit: int = REASON_LIMIT) -> str:
     ``<class '...ClientAppException'>:<'... Message: <Ray's traceback>'>``, and
     Ray's traceback starts with a long ``ray::ClientAppActor.run() (pid=...,
     ip=..., actor_id=..., repr=...)`` header and carries ANSI colour codes. Keep
-    the innermost exception's type and message and the last source file named
-    in the traceback; a plain reason is kept as it is (without control codes).
+    the original exception's type and message (not Flower's or Ray's wrappers)
+    and the source file and line it was raised at; a plain reason is kept as
+    it is (without control codes).
     """
     text = _ANSI.sub("", str(text)).replace("\r", "")
     lines = [ln.strip() for ln in text.splitlines()]
     found: tuple[str, str] | None = None
+    frame: tuple[str, str] | None = None  # the innermost frame of the exception found
+    last_frame: tuple[str, str] | None = None
     for ln in lines:
-        ln = ln.strip("'<>")
-        m = _EXCEPTION_LINE.match(ln)
+        if (f := _FRAME.search(ln)) is not None:
+            last_frame = (f.group(1), f.group(2))
+            continue
+        m = _EXCEPTION_LINE.match(ln.strip("'<>"))
         if m and not m.group(1).rsplit(".", 1)[-1].startswith(_WRAPPERS):
             found = (m.group(1).rsplit(".", 1)[-1], m.group(2).strip().strip("'>"))
-    frames = _FRAME.findall(text)
+            frame = last_frame
     if found is None:
         if "Traceback" not in text and "ray::" not in text:
             out = " ".join(ln for ln in lines if ln)
-        else:  # a traceback without a recognizable last line: its last non-empty line
-            out = next((ln for ln in reversed(lines) if ln and not ln.startswith("File ")), "")
+        else:  # a traceback without a recognizable exception line: its last non-empty line
+            out = next((ln for ln in reversed(lines) if ln and not _FRAME.search(ln)), "")
+            frame = last_frame
     else:
         kind, message = found
         out = f"{kind}: {message}" if message else kind
-    if frames:
-        path, line = frames[-1]
-        out += f" (at {path}:{line})"
+    if frame is not None:
+        out += f" (at {frame[0]}:{frame[1]})"
     out = "".join(ch if ch.isprintable() else " " for ch in out)
     return out if len(out) <= limit else out[: limit - 3] + "..."

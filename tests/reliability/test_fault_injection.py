@@ -96,7 +96,7 @@ def test_reasons_and_metrics_of_the_bad_rounds(faulty_run):
     raised = reason("raises")
     assert raised.startswith("ValueError: cannot read ") and "labels.npy: injected fault" in raised, raised
     assert "\x1b" not in raised and "pid=" not in raised and "actor_id" not in raised and len(raised) <= 400
-    assert "(at " in raised and raised.endswith(")")
+    assert raised.endswith(")") and "tests/reliability/faulty_run.py:" in raised  # the file that raised
     # Out-of-range metrics are dropped before metrics.jsonl: the line's train loss is the honest sites' mean.
     line = by_case["metrics_out_of_range"]
     assert line["bounds"]["metrics_dropped"] == 3

@@ -182,7 +182,7 @@ def test_failure_reason_keeps_type_message_and_file_without_ansi_or_ray_header()
     got = clean_reason(RAY_REASON)
     assert got.startswith("SiteDataError: /data/train/site-0003/labels.npy has 33 rows, image.npy has 36")
     assert "\x1b" not in got and "pid=" not in got and "actor_id" not in got
-    assert got.endswith("(at /venv/flwr/simulation/ray_transport/ray_actor.py:65)")
+    assert got.endswith("(at /srv/metafed/client/sites.py:88)")  # where it was raised, not Flower's wrapper
     assert clean_reason("site site-0001 (/d): labels.npy is empty") == "site site-0001 (/d): labels.npy is empty"
     long = clean_reason("\x1b[31mValueError: " + "x" * 5000)
     assert len(long) == 400 and long.startswith("ValueError: xxx") and long.endswith("...")
