@@ -26,6 +26,7 @@ test: setup
 bench: setup
 	$(BIN)/python -m simulations.bench_inner_loop
 	$(BIN)/python -m simulations.bench_rounds
+	$(BIN)/python -m simulations.bench_robustness
 
 clean:
 	rm -rf runs .pytest_cache

@@ -78,6 +78,8 @@ def make_client_app(config: Config | None = None) -> ClientApp:
             {
                 wire.ARRAYS: wire.tree_to_record(result.params),
                 wire.METRICS: _metrics(result.num_episodes, result.metrics),
+                wire.REPLY: ConfigRecord({"round": int(round_config["round"]),
+                                          "nonce": str(round_config.get("nonce", ""))}),
             }
         )
         return Message(content, reply_to=msg)

@@ -22,11 +22,14 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
+# A train reply's ConfigRecord echoing the instruction's ``round`` and ``nonce``:
+# the server refuses a reply made for another round.
+REPLY = "reply"
 NUM_EXAMPLES = "num-examples"
 
 # The ConfigRecord of a train instruction (the client merges these over its config).
 # ``run_id`` names the run (its directory, kept on resume) for a site's privacy ledger.
-TRAIN_KEYS = ("round", "inner_steps", "inner_lr", "ways", "shots", "query_shots", "episodes", "seed", "run_id")
+TRAIN_KEYS = ("round", "inner_steps", "inner_lr", "ways", "shots", "query_shots", "episodes", "seed", "run_id", "nonce")
 # The ConfigRecord of an evaluate instruction.
 EVALUATE_KEYS = ("round", "inner_steps", "ways", "shots", "query_shots", "episodes", "seed")
 

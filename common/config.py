@@ -141,6 +141,30 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class AggregationConfig:
+    # How the bounded updates phi_i - theta become one (server.aggregation):
+    # mean | median | trimmed_mean | multikrum | clipped_mean.
+    rule: str = "mean"
+    trim_fraction: float = 0.1  # trimmed_mean: share cut at each end of every coordinate, in [0, 0.5)
+    krum_byzantine: int = 1  # multikrum: f, the faulty sites tolerated among those that reply
+    krum_select: int = 0  # multikrum: m, the updates averaged; 0 = n - f
+    clip_norm: float = 0.0  # clipped_mean: L2 clip of each update; 0 = the round's median update norm
+
+
+@dataclass(frozen=True)
+class RepliesConfig:
+    # Every reply's update phi - theta is bounded before it counts (server.reply_checks).
+    max_update_norm: float = 1000.0  # absolute L2 bound; inf: none
+    max_update_ratio: float = 10.0  # x the round's median update norm (3 replies or more); inf: none
+    on_excess: str = "reject"  # reject | clip, for an update past either bound
+    # Bytes of the arrays a reply carries, checked before anything is decoded;
+    # 0: 1.5 x the model's bytes plus 64 KiB.
+    max_bytes: int = 0
+    # Rounds whose accepted replies a new reply may not repeat (a stale replay).
+    replay_window: int = 5
+
+
+@dataclass(frozen=True)
 class RecordDPConfig:
     enabled: bool = False
     noise_multiplier: float = 1.0
@@ -230,6 +254,8 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    replies: RepliesConfig = field(default_factory=RepliesConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     site_privacy: SitePrivacyConfig = field(default_factory=SitePrivacyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -247,6 +273,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "privacy.client.accountant": ("rdp", "prv"),
     "site_privacy.accountant": ("rdp", "prv"),
     "runtime.dtype": ("float32", "float64"),
+    "aggregation.rule": ("mean", "median", "trimmed_mean", "multikrum", "clipped_mean"),
+    "replies.on_excess": ("reject", "clip"),
 }
 
 
@@ -556,12 +584,51 @@ def validate(config: Config) -> Config:
             "from the support's class means, which no per-record clipping bounds. Set "
             "algorithm.head_init: shared, or use client-level DP (privacy.client)"
         )
+    _validate_robustness(config)
     if config.privacy.client.enabled and config.federation.fraction <= 0.0:
         raise ConfigError(
             "client-level DP needs Poisson sampling of sites: set federation.fraction "
             "(the per-site sampling rate q) and federation.poisson=true"
         )
     return config
+
+
+def _validate_robustness(config: Config) -> None:
+    """The update bounds and the aggregation rule (see server.reply_checks, server.aggregation)."""
+    agg, rep = config.aggregation, config.replies
+    for key, value in (("replies.max_update_norm", rep.max_update_norm),
+                       ("replies.max_update_ratio", rep.max_update_ratio)):
+        if math.isnan(value) or value <= 0:
+            raise ConfigError(f"{key} must be > 0 (inf for no bound); got {value}")
+    if rep.max_update_ratio != math.inf and rep.max_update_ratio < 1:
+        raise ConfigError(
+            f"replies.max_update_ratio must be >= 1 (it multiplies the median update norm: below 1 it "
+            f"refuses the typical honest site); got {rep.max_update_ratio}"
+        )
+    if rep.max_bytes < 0:
+        raise ConfigError(f"replies.max_bytes must be >= 0 (0: derived from the model's size); got {rep.max_bytes}")
+    if rep.replay_window < 0:
+        raise ConfigError(f"replies.replay_window must be >= 0 rounds; got {rep.replay_window}")
+    if not 0.0 <= agg.trim_fraction < 0.5:
+        raise ConfigError(f"aggregation.trim_fraction must be in [0, 0.5); got {agg.trim_fraction}")
+    if agg.krum_byzantine < 0 or agg.krum_select < 0:
+        raise ConfigError(
+            "aggregation.krum_byzantine and aggregation.krum_select must be >= 0; got "
+            f"{agg.krum_byzantine} and {agg.krum_select}"
+        )
+    if math.isnan(agg.clip_norm) or agg.clip_norm < 0 or agg.clip_norm == math.inf:
+        raise ConfigError(
+            f"aggregation.clip_norm must be a finite number >= 0 (0: the round's median update norm); "
+            f"got {agg.clip_norm}"
+        )
+    if config.privacy.client.enabled and agg.rule != "mean":
+        # The noise is calibrated to a sum of updates each clipped to S; a rule that
+        # picks or reorders updates by what other sites sent has another sensitivity.
+        raise ConfigError(
+            f"aggregation.rule={agg.rule} cannot be combined with client-level DP (privacy.client), whose "
+            "noise is calibrated to the mean of clipped updates: set aggregation.rule=mean (client-level "
+            "DP clips every update itself), or turn privacy.client off"
+        )
 
 
 def from_dict(values: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Config:

@@ -255,6 +255,12 @@ class MetaRun:
             line["privacy"] = rec["privacy"]
         if line["train"].get(REPRODUCIBLE_NOISE_METRIC, 0.0) > 0 or self.config.site_privacy.reproducible_noise:
             line["not_private"] = NOT_PRIVATE_REPRODUCIBLE
+        # What the reply checks refused or cut (server.reply_checks), and the robust rule's report.
+        line["bounds"] = {"rejected": dict(rec.get("rejected", {})), "clipped": rec.get("clipped", 0),
+                          "metrics_dropped": rec.get("metrics_dropped", 0),
+                          "median_update_norm": rec.get("median_update_norm", 0.0)}
+        if "aggregation" in rec:
+            line["aggregation"] = rec["aggregation"]
         last_acc = self._last_accuracy(self.state.history + [line])
         line["last_meta_test_accuracy"] = last_acc
         self.state.elapsed = self.elapsed_before + (time.time() - self.session_start)
@@ -330,7 +336,8 @@ class MetaRun:
             expected = len(site_dirs.train_site_dirs(config.data.root)) or fed.min_sites
         self.strategy = MetaStrategy(
             config, self.state, expected_nodes=expected, round_offset=self.state.round,
-            federated_eval=federated_eval, run_id=self.run_dir.name, aggregator=make_aggregator(config, secret_key=self.state.secret_key),
+            federated_eval=federated_eval, run_id=self.run_dir.name,
+            aggregator=make_aggregator(config, secret_key=self.state.secret_key),
         )
         self.first_round = self.state.round + 1
         self.round_start = self.session_start = time.time()

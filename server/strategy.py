@@ -7,13 +7,15 @@ Per round, over Flower's own loop (``Strategy.start``):
   from a generator seeded by ``(seed, round)``, and sends each the global
   parameters and the round's settings, with a per-site seed derived from
   ``(seed, round, site id)``.
-- ``aggregate_train`` validates every reply at the boundary (keys, shapes,
-  dtypes, finite values, a plausible ``num-examples``), counts and drops the
-  bad ones and the error replies, and applies
+- ``aggregate_train`` validates every reply at the boundary (its size before
+  decoding, that it answers this round's instruction and is not a replay, keys,
+  shapes, dtypes, finite values, a plausible ``num-examples``, metrics in
+  range; :mod:`server.reply_checks`), counts and drops the bad ones and the
+  error replies, bounds each update's norm, and applies
   ``theta <- server_opt(theta, mean_i w_i (phi_i - theta))`` with weights =
   episodes used, through :mod:`common.algorithms.server_opt` with state kept
   across rounds. The mean goes through a pluggable aggregator
-  (:mod:`server.aggregation`) where client-level DP fits.
+  (:mod:`server.aggregation`): a robust rule, or client-level DP.
 - ``configure_evaluate`` / ``aggregate_evaluate`` run federated evaluation
   (adapt on support, score query at sampled sites) when asked to: in
   simulation the server meta-tests centrally on held-out sites instead.
@@ -25,6 +27,7 @@ node which site it serves (a ``query`` message) and samples over site ids.
 from __future__ import annotations
 
 import math
+import secrets
 import statistics
 import time
 from collections.abc import Iterable
@@ -44,6 +47,15 @@ from common.algorithms import server_opt
 from common.config import Config
 from common.privacy.randomness import KeyedStream
 from server.aggregation import Aggregator, WeightedMean
+from server.reply_checks import (
+    ReplayGuard,
+    bound_updates,
+    check_metrics,
+    clean_reason,
+    record_digest,
+    reply_byte_cap,
+    reply_nbytes,
+)
 from server.state import (
     STREAM_EVAL_SAMPLING,
     STREAM_SITE,
@@ -151,6 +163,15 @@ class MetaStrategy(FedAvg):
         self.rounds: dict[int, dict[str, Any]] = {}  # per-round record
         self._sent: dict[tuple[int, str], dict[int, tuple[str, int]]] = {}  # (round, kind) -> node -> (site, episodes)
         self._dtypes = {k: _DTYPES.get(v.dtype, str(v.dtype).replace("torch.", "")) for k, v in state.params.items()}
+        self.reply_cap = reply_byte_cap(state.params, config.replies.max_bytes)
+        self.replay = ReplayGuard(config.replies.replay_window)
+        # Per round: the nonce a reply must echo, the digest of the theta sent (an
+        # unchanged model is not a replay), the instructions sent (their message ids).
+        self._nonce: dict[int, str] = {}
+        self._theta_digest: dict[int, bytes] = {}
+        self._instructions: dict[int, dict[int, Message]] = {}
+        # Under client-level DP only bounds that depend on a site's own update apply.
+        self._relative_bound = not config.privacy.client.enabled
 
     # ------------------------------------------------------------------ helpers
     def true_round(self, server_round: int) -> int:
@@ -163,6 +184,7 @@ class MetaStrategy(FedAvg):
             {
                 "sites_sampled": 0, "sites_replied": 0, "sites_failed": 0, "sites_invalid": 0,
                 "sites_missing": 0, "bytes_sent": 0, "bytes_received": 0, "failures": [],
+                "rejected": {}, "clipped": 0, "metrics_dropped": 0,
             },
         )
 
@@ -238,7 +260,7 @@ class MetaStrategy(FedAvg):
             for reply in replies:
                 node = reply.metadata.src_node_id
                 if reply.has_error():
-                    log(WARNING, "node %d did not say which site it serves: %s", node, reply.error.reason)
+                    log(WARNING, "node %d did not say which site it serves: %s", node, clean_reason(reply.error.reason))
                     continue
                 try:
                     site_id = str(reply.content[wire.SITE][wire.SITE_ID])
@@ -272,6 +294,7 @@ class MetaStrategy(FedAvg):
                 "episodes": c.episodes.episodes_per_round,
                 "seed": derived_seed(c.federation.seed, server_round, STREAM_SITE, site_id),
                 "run_id": self.run_id,
+                "nonce": self._nonce.get(server_round, ""),
             }
         )
 
@@ -290,6 +313,9 @@ class MetaStrategy(FedAvg):
                 )
             )
         self._sent[(server_round, kind)] = sent
+        if kind == MessageType.TRAIN:
+            # The grid stamps message ids on these objects when it pushes them.
+            self._instructions[server_round] = {m.metadata.dst_node_id: m for m in messages}
         self.record(server_round)["bytes_sent"] += wire.record_nbytes(arrays) * len(messages)
         return messages
 
@@ -304,15 +330,44 @@ class MetaStrategy(FedAvg):
         rec["sites_sampled"] = len(chosen)
         rec["sites_available"] = len(sites)
         log(INFO, "round %d: sampled %d of %d sites", r, len(chosen), len(sites))
+        # Unpredictable to the sites (so not from the run's seed): a reply must
+        # have been made for this round's instruction. It changes no result.
+        self._nonce = {r: secrets.token_hex(16)}
+        self._theta_digest = {r: record_digest(arrays, self.state.params)}
         return self._messages(MessageType.TRAIN, r, arrays, chosen, self.train_config)
 
-    def _reject(self, rec: dict[str, Any], server_round: int, site_id: str, node: int, kind: str, reason: str) -> None:
+    def _reject(
+        self, rec: dict[str, Any], server_round: int, site_id: str, node: int, kind: str, reason: str,
+        check: str | None = None,
+    ) -> None:
+        reason = clean_reason(reason)
         rec["sites_invalid" if kind == "invalid" else "sites_failed"] += 1
-        rec["failures"].append({"site": site_id, "kind": kind, "reason": reason[:500]})
+        if check is not None:  # which check refused it, counted in the round's metrics line
+            rec["rejected"][check] = rec["rejected"].get(check, 0) + 1
+        rec["failures"].append({"site": site_id, "kind": kind, "reason": reason})
         log(WARNING, "round %d: %s reply from site %s (node %d) dropped: %s", server_round, kind, site_id, node, reason)
 
-    def validate_train_reply(self, msg: Message, episodes_sent: int) -> tuple[tree.Tree, int, dict[str, float]] | str:
-        """``(phi, episodes, metrics)`` for a well-formed reply, else the reason it is not."""
+    def check_round_binding(self, msg: Message, server_round: int, node: int) -> str | None:
+        """None when ``msg`` answers this round's instruction to ``node``, else why not."""
+        instruction = self._instructions.get(server_round, {}).get(node)
+        sent_id = instruction.metadata.message_id if instruction is not None else ""
+        if sent_id and msg.metadata.reply_to_message_id != sent_id:
+            return f"replies to message {msg.metadata.reply_to_message_id!r}, not this round's instruction"
+        echo = msg.content.config_records.get(wire.REPLY)
+        if echo is None:
+            return f"no ConfigRecord '{wire.REPLY}' echoing the round and its nonce"
+        want = self._nonce.get(server_round, "")
+        if echo.get("round") != server_round or not secrets.compare_digest(str(echo.get("nonce", "")), want):
+            return f"made for round {echo.get('round')!r} (or with another nonce), not for round {server_round}"
+        return None
+
+    def validate_train_reply(
+        self, msg: Message, episodes_sent: int
+    ) -> tuple[tree.Tree, int, dict[str, float], list[str]] | str:
+        """``(phi, episodes, metrics, dropped metric names)`` for a well-formed reply, else why it is not.
+
+        Metrics outside their plausible range are left out of ``metrics`` and named in the last item.
+        """
         content = msg.content
         arrays = content.array_records
         if set(arrays) != {wire.ARRAYS}:
@@ -346,12 +401,8 @@ class MetaStrategy(FedAvg):
         n = metrics.get(wire.NUM_EXAMPLES)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= episodes_sent:
             return f"'{wire.NUM_EXAMPLES}' must be an integer in [1, {episodes_sent}] (episodes sent), got {n!r}"
-        scalars = {
-            k: float(v) for k, v in metrics.items()
-            if k != wire.NUM_EXAMPLES and isinstance(v, (int, float)) and not isinstance(v, bool)
-            and (math.isfinite(v) or (k == "epsilon" and v == math.inf))  # no guarantee must show, not vanish
-        }
-        return phi, n, scalars
+        scalars, dropped = check_metrics(metrics, skip=(wire.NUM_EXAMPLES,))
+        return phi, n, scalars, dropped
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -359,7 +410,7 @@ class MetaStrategy(FedAvg):
         r = self.true_round(server_round)
         rec = self.record(r)
         sent = self._sent.get((r, MessageType.TRAIN), {})
-        updates: list[tuple[str, tree.Tree, int, dict[str, float]]] = []
+        checked_replies: list[tuple[str, int, tree.Tree, int, dict[str, float], bytes]] = []
         answered: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -373,19 +424,56 @@ class MetaStrategy(FedAvg):
                 self._reject(rec, r, site_id, node, "invalid", "not sampled this round, or a second reply")
                 continue
             answered.add(node)
+            size = reply_nbytes(msg.content)
+            if size > self.reply_cap:  # before anything is decoded
+                self._reject(rec, r, site_id, node, "invalid",
+                             f"the reply carries {size} bytes, over the cap of {self.reply_cap} (1.5 x the model's "
+                             "bytes plus 64 KiB unless replies.max_bytes is set)", check="oversized")
+                continue
+            unbound = self.check_round_binding(msg, r, node)
+            if unbound is not None:
+                self._reject(rec, r, site_id, node, "invalid", unbound, check="wrong_round")
+                continue
             checked = self.validate_train_reply(msg, episodes)
             if isinstance(checked, str):
                 self._reject(rec, r, site_id, node, "invalid", checked)
                 continue
-            phi, n, metrics = checked
-            updates.append((site_id, phi, n, metrics))
+            phi, n, metrics, dropped = checked
+            if dropped:
+                rec["metrics_dropped"] += len(dropped)
+                log(WARNING, "round %d: site %s reported metrics out of range, dropped: %s", r, site_id,
+                    ", ".join(dropped[:10]))
+            digest = record_digest(msg.content[wire.ARRAYS], self.state.params)
+            checked_replies.append((site_id, node, phi, n, metrics, digest))
+
+        checked_replies.sort(key=lambda u: u[0])  # fixed summation order: bit-identical reruns
+        fresh = []
+        unchanged = self._theta_digest.get(r)
+        for item in checked_replies:
+            site_id, node, _, _, _, digest = item
+            if digest != unchanged and self.replay.seen(digest):
+                self._reject(rec, r, site_id, node, "invalid", "repeats an earlier reply (the same arrays as one "
+                             f"accepted in the last {self.replay.window} rounds)", check="replayed")
+                continue
+            fresh.append(item)
+        theta = self.state.params
+        rules = self.config.replies
+        bounded = bound_updates(
+            [tree.sub(phi, theta) for _, _, phi, _, _, _ in fresh], max_norm=rules.max_update_norm,
+            max_ratio=rules.max_update_ratio, on_excess=rules.on_excess, relative=self._relative_bound,
+        )
+        for i, reason in bounded.rejected:
+            self._reject(rec, r, fresh[i][0], fresh[i][1], "invalid", reason, check="update_norm")
+        rec["clipped"] = len(bounded.clipped)
+        rec["median_update_norm"] = bounded.median_norm
+        updates = [fresh[i] for i in bounded.kept]
+        self.replay.commit({u[5] for u in updates})
         rec["sites_replied"] = len(updates)
         rec["sites_missing"] = len(set(sent) - answered)
+        self._instructions.pop(r, None)
 
-        updates.sort(key=lambda u: u[0])  # fixed summation order: bit-identical reruns
-        theta = self.state.params
-        deltas = [tree.sub(phi, theta) for _, phi, _, _ in updates]
-        weights = [float(n) for _, _, n, _ in updates]
+        deltas = bounded.deltas
+        weights = [float(n) for _, _, _, n, _, _ in updates]
         delta = self.aggregator.aggregate(
             deltas, weights, template=theta, server_round=r, num_sampled=rec["sites_sampled"],
             expected_sampled=expected_count(self.config, rec.get("sites_available", 0)),
@@ -393,9 +481,9 @@ class MetaStrategy(FedAvg):
         self.state.aggregator_state = self.aggregator.state_dict()
         report = getattr(self.aggregator, "last", None)
         if report:
-            rec["privacy"] = dict(report)
-        train_metrics = _weighted_metrics([(n, m) for _, _, n, m in updates])
-        site_epsilons = sorted(m["epsilon"] for _, _, _, m in updates if "epsilon" in m)
+            rec[getattr(self.aggregator, "report_key", "privacy")] = dict(report)
+        train_metrics = _weighted_metrics([(n, m) for _, _, _, n, m, _ in updates])
+        site_epsilons = sorted(m["epsilon"] for _, _, _, _, m, _ in updates if "epsilon" in m)
         if site_epsilons:  # record-level DP: the worst site's budget, and the typical one
             train_metrics["epsilon_max"] = site_epsilons[-1]
             train_metrics["epsilon_median"] = float(statistics.median(site_epsilons))
@@ -470,10 +558,12 @@ class MetaStrategy(FedAvg):
                 invalid += 1
                 log(WARNING, "round %d: evaluation reply from site %s dropped (num-examples %r)", r, site_id, n)
                 continue
-            results.append((n, {
-                k: float(v) for k, v in metrics.items()
-                if k != wire.NUM_EXAMPLES and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            }))
+            kept, dropped = check_metrics(metrics, skip=(wire.NUM_EXAMPLES,))
+            if dropped:
+                rec["metrics_dropped"] += len(dropped)
+                log(WARNING, "round %d: site %s reported evaluation metrics out of range, dropped: %s", r, site_id,
+                    ", ".join(dropped[:10]))
+            results.append((n, kept))
         if private:
             log(INFO, "round %d: %d site(s) under record-level DP declined federated evaluation (they release "
                 "only noised weights; hold out sites under data.root/test for a meta-test): %s",

@@ -71,10 +71,17 @@ def send(strategy, grid, server_round):
     return {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, arrays, ConfigRecord(), grid)}
 
 
+def echo(instruction):
+    """The reply's binding to its round, as the ClientApp sends it."""
+    cfg = instruction.content[wire.CONFIG]
+    return ConfigRecord({"round": cfg.get("round", 0), "nonce": cfg.get("nonce", "")})
+
+
 def reply(instruction, phi, num_examples, **metrics):
     record = ArrayRecord({k: Array(np.asarray(v)) for k, v in phi.items()})
     m = MetricRecord({wire.NUM_EXAMPLES: num_examples, **metrics})
-    return Message(RecordDict({wire.ARRAYS: record, wire.METRICS: m}), reply_to=instruction)
+    return Message(RecordDict({wire.ARRAYS: record, wire.METRICS: m, wire.REPLY: echo(instruction)}),
+                   reply_to=instruction)
 
 
 def shifted(params, by):
@@ -207,15 +214,17 @@ def test_invalid_reply_is_dropped_and_counted(case):
     if case == "fractional_examples":
         bad = Message(RecordDict({
             wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in phi.items()}),
-            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 4, "flag": 1}),
+            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 4, "flag": 1}), wire.REPLY: echo(m_bad),
         }), reply_to=m_bad)
         bad.content[wire.METRICS][wire.NUM_EXAMPLES] = 3.5  # not an int
     elif case == "no_metrics":
-        bad = Message(RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in phi.items()})}), reply_to=m_bad)
+        bad = Message(RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in phi.items()}),
+                                  wire.REPLY: echo(m_bad)}), reply_to=m_bad)
     elif case == "two_arrayrecords":
         rec = ArrayRecord({k: Array(v) for k, v in phi.items()})
         bad = Message(RecordDict({wire.ARRAYS: rec, "more": rec,
-                                  wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 4})}), reply_to=m_bad)
+                                  wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 4}), wire.REPLY: echo(m_bad)}),
+                      reply_to=m_bad)
     else:
         bad = reply(m_bad, phi, n_examples)
     arrays, _ = strategy.aggregate_train(1, [bad, good])
