@@ -295,8 +295,9 @@ class Interval:
         return above and below
 
     def __str__(self) -> str:
-        if self.high == math.inf and self.high_open:
-            return f"{'>' if self.low_open else '>='} {self.low:g} and finite"
+        if self.high == math.inf:
+            tail = "and finite" if self.high_open else "(inf: no limit)"
+            return f"{'>' if self.low_open else '>='} {self.low:g} {tail}"
         return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
 
 
@@ -361,6 +362,15 @@ _RANGES: dict[str, Interval] = {
     "privacy.client.clip_norm": _POSITIVE,
     "privacy.client.target_epsilon": _AT_LEAST_0,
     "privacy.client.delta": Interval(0, 1, low_open=True),
+    "aggregation.trim_fraction": Interval(0, 0.5),
+    "aggregation.krum_byzantine": _AT_LEAST_0,
+    "aggregation.krum_select": _AT_LEAST_0,  # 0: n - f
+    "aggregation.clip_norm": _AT_LEAST_0,  # 0: the round's median update norm
+    "replies.max_update_norm": Interval(0, math.inf, low_open=True, high_open=False),  # inf: no bound
+    # It multiplies the median update norm: below 1 it refuses the typical honest site.
+    "replies.max_update_ratio": Interval(1, math.inf, high_open=False),  # inf: no bound
+    "replies.max_bytes": _AT_LEAST_0,  # 0: derived from the model's size
+    "replies.replay_window": _AT_LEAST_0,
     "runtime.num_cpus": _POSITIVE,
     "runtime.num_gpus": _AT_LEAST_0,
     "runtime.torch_threads": _AT_LEAST_1,
@@ -594,33 +604,8 @@ def validate(config: Config) -> Config:
 
 
 def _validate_robustness(config: Config) -> None:
-    """The update bounds and the aggregation rule (see server.reply_checks, server.aggregation)."""
-    agg, rep = config.aggregation, config.replies
-    for key, value in (("replies.max_update_norm", rep.max_update_norm),
-                       ("replies.max_update_ratio", rep.max_update_ratio)):
-        if math.isnan(value) or value <= 0:
-            raise ConfigError(f"{key} must be > 0 (inf for no bound); got {value}")
-    if rep.max_update_ratio != math.inf and rep.max_update_ratio < 1:
-        raise ConfigError(
-            f"replies.max_update_ratio must be >= 1 (it multiplies the median update norm: below 1 it "
-            f"refuses the typical honest site); got {rep.max_update_ratio}"
-        )
-    if rep.max_bytes < 0:
-        raise ConfigError(f"replies.max_bytes must be >= 0 (0: derived from the model's size); got {rep.max_bytes}")
-    if rep.replay_window < 0:
-        raise ConfigError(f"replies.replay_window must be >= 0 rounds; got {rep.replay_window}")
-    if not 0.0 <= agg.trim_fraction < 0.5:
-        raise ConfigError(f"aggregation.trim_fraction must be in [0, 0.5); got {agg.trim_fraction}")
-    if agg.krum_byzantine < 0 or agg.krum_select < 0:
-        raise ConfigError(
-            "aggregation.krum_byzantine and aggregation.krum_select must be >= 0; got "
-            f"{agg.krum_byzantine} and {agg.krum_select}"
-        )
-    if math.isnan(agg.clip_norm) or agg.clip_norm < 0 or agg.clip_norm == math.inf:
-        raise ConfigError(
-            f"aggregation.clip_norm must be a finite number >= 0 (0: the round's median update norm); "
-            f"got {agg.clip_norm}"
-        )
+    """The aggregation rule against client-level DP (the ranges of its numbers are in ``_RANGES``)."""
+    agg = config.aggregation
     if config.privacy.client.enabled and agg.rule != "mean":
         # The noise is calibrated to a sum of updates each clipped to S; a rule that
         # picks or reorders updates by what other sites sent has another sensitivity.
