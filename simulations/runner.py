@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import threading
 import warnings
@@ -164,7 +165,9 @@ def simulate(
             )
     except Exception as err:  # noqa: BLE001 - reported, and the exit code says so
         cause = err.__cause__ or err
-        print(f"error: the run failed: {type(cause).__name__}: {cause}", file=sys.stderr, flush=True)
+        reason = f"{type(cause).__name__}: {cause}"
+        print(f"error: the run failed: {reason}", file=sys.stderr, flush=True)
+        record_failure(run_dir, reason=reason)
         if verbose:
             import traceback
 
@@ -177,6 +180,24 @@ def simulate(
             guard.kill()
             guard.wait()
     return report_summary(run_dir)
+
+
+def record_failure(run_dir: Path, *, reason: str) -> None:
+    """Write a failed summary.json for a run that died before writing its own (metrics.jsonl is kept)."""
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        return
+    rounds = 0
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            try:
+                rounds = max(rounds, int(json.loads(line).get("round", 0)))
+            except (ValueError, TypeError, AttributeError):
+                continue  # a line cut short by the failure
+    tmp = summary_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"status": "failed", "reason": reason, "rounds": rounds}, indent=2) + "\n")
+    os.replace(tmp, summary_path)
 
 
 def report_summary(run_dir: Path) -> int:

@@ -66,12 +66,12 @@ def assert_ray_gone(tmpdir: str) -> None:
     shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def metafed(*args: str) -> subprocess.CompletedProcess:
+def metafed(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     exe = BIN / "metafed"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "simulations.cli"]
     tmpdir = ray_tmpdir()
     proc = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=ROOT, timeout=400,
-                          env={**os.environ, "RAY_TMPDIR": tmpdir})
+                          env={**os.environ, **(env or {}), "RAY_TMPDIR": tmpdir})
     assert_ray_gone(tmpdir)  # no Ray process started by this run outlives it
     return proc
 
@@ -321,15 +321,29 @@ def test_flwr_run_reaches_the_same_model(run_s, smoke_data, tmp_path):
 
 
 def test_a_failing_server_app_exits_non_zero(smoke_data, tmp_path):
-    """An exception in the ServerApp (here: a held-out site that fails validation) -> exit 1, Ray stopped."""
-    import numpy as np
+    """An exception in the ServerApp (here: raised in its round-2 hook) -> exit 1 with the reason, Ray stopped.
 
-    root = tmp_path / "data"
-    shutil.copytree(smoke_data / "train", root / "train")
-    shutil.copytree(smoke_data / "test", root / "test")
-    labels = root / "test" / "site-0000" / "labels.npy"
-    np.save(labels, np.load(labels)[:-2])
-    proc = metafed("simulate", "--config", str(SMOKE), "--set", f"data.root={root}", "--set", "data.generate=false",
-                   "--set", f"output_dir={tmp_path / 'runs'}")
+    The fault is injected from outside the project: a ``sitecustomize`` module on the command's
+    PYTHONPATH wraps the ServerApp's per-round hook, so no test hook lives in the product.
+    """
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import server.server_app as app\n"
+        "_after_round = app.MetaRun.after_round\n"
+        "def after_round(self, server_round, arrays):\n"
+        "    if self.strategy.true_round(server_round) == 2:\n"
+        "        raise RuntimeError('injected ServerApp failure in round 2')\n"
+        "    return _after_round(self, server_round, arrays)\n"
+        "app.MetaRun.after_round = after_round\n"
+    )
+    pythonpath = os.pathsep.join(p for p in (str(hooks), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    proc = metafed("simulate", "--config", str(SMOKE), "--set", f"data.root={smoke_data}",
+                   "--set", "data.generate=false", "--set", "federation.rounds=3",
+                   "--set", f"output_dir={tmp_path / 'runs'}", env={"PYTHONPATH": pythonpath})
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "the run failed" in proc.stderr and "labels" in proc.stderr
+    assert "the run failed" in proc.stderr and "injected ServerApp failure" in proc.stderr
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "injected ServerApp failure" in summary["reason"]
+    assert summary["rounds"] == 1  # the round before the failure is kept
