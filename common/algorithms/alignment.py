@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-Tree = dict[str, torch.Tensor]
+from common.tree import Tree
 
 
 def modality_embeddings(model: nn.Module, params: Mapping[str, torch.Tensor], batch: dict):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from common.algorithms.alignment import with_alignment
 from common.tree import Tree
 
 Batch = dict  # see common/data/schema.py for the layout
@@ -180,8 +181,6 @@ def adapt_directions(
 def _inner_loop(model, params, support, *, loop, learning_rates, gradient, keep_directions):
     gradient = gradient or loss_gradient(model)
     if loop.align_weight > 0:  # the one place the auxiliary loss joins the inner loop, for every algorithm
-        from common.algorithms.alignment import with_alignment
-
         gradient = with_alignment(model, gradient, weight=loop.align_weight, temperature=loop.align_temperature)
     adapted = dict(params)
     if loop.head_init == "prototypes":
