@@ -87,7 +87,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: str = "reptile"  # fedavg | reptile | fomaml | maml | metasgd
+    name: str = "reptile"  # fedavg | reptile | fomaml | maml | metasgd | protonet
     inner_steps: int = 5
     inner_lr: float = 0.1
     # sgd | adam (beta1 = 0, as Reptile's inner loop); used at meta-test too.
@@ -105,6 +105,16 @@ class AlgorithmConfig:
     # -|c_k|^2 from the support's class means, Triantafillou et al. 2020).
     # FedAvg's own training keeps its shared head; its meta-test adapts like the others.
     head_init: str = "shared"
+    # protonet: the distance to the class prototypes, "euclidean" (squared,
+    # Snell et al. 2017) or "cosine"; and the steps of fine-tuning on the
+    # support set's prototypical loss at meta-test before it is scored.
+    proto_distance: str = "euclidean"
+    proto_finetune_steps: int = 0
+    # Cross-modal alignment (every algorithm): the weight of an InfoNCE loss
+    # between two modalities' embeddings of the same record, added to the
+    # training inner loop's loss (0: off), and its softmax temperature.
+    align_weight: float = 0.0
+    align_temperature: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -264,9 +274,10 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.fusion": ("early", "late", "attention"),
     "model.downsample": ("stride", "pool"),
-    "algorithm.name": ("fedavg", "reptile", "fomaml", "maml", "metasgd"),
+    "algorithm.name": ("fedavg", "reptile", "fomaml", "maml", "metasgd", "protonet"),
     "algorithm.inner_optimizer": ("sgd", "adam"),
     "algorithm.head_init": ("shared", "prototypes"),
+    "algorithm.proto_distance": ("euclidean", "cosine"),
     "server_opt.name": ("sgd", "adam"),
     "server_opt.schedule": ("constant", "linear"),
     "privacy.record.accountant": ("rdp", "prv"),
@@ -331,6 +342,9 @@ _RANGES: dict[str, Interval] = {
     "algorithm.eval_inner_steps": _AT_LEAST_1,
     "algorithm.client_meta_lr": _POSITIVE,
     "algorithm.local_meta_steps": _AT_LEAST_1,
+    "algorithm.proto_finetune_steps": _AT_LEAST_0,
+    "algorithm.align_weight": _AT_LEAST_0,  # 0: no alignment loss
+    "algorithm.align_temperature": _POSITIVE,
     "server_opt.lr": _POSITIVE,
     "server_opt.momentum": _BETA,
     "server_opt.beta1": _BETA,
@@ -593,6 +607,25 @@ def validate(config: Config) -> Config:
             "privacy.record with algorithm.head_init=prototypes cannot be privatized: the head starts "
             "from the support's class means, which no per-record clipping bounds. Set "
             "algorithm.head_init: shared, or use client-level DP (privacy.client)"
+        )
+    if rec.enabled and config.algorithm.name == "protonet":
+        # A support record is in its class's prototype, which every query
+        # record's loss reads: it moves every term of the sum, not one.
+        raise ConfigError(
+            "privacy.record with algorithm.name=protonet cannot be privatized: each support record moves "
+            "its class's prototype and with it the loss, and so the clipped gradient, of every query "
+            "record; per-record clipping does not bound that. Use algorithm.name: reptile (or fomaml) "
+            "with algorithm.head_init: shared, or client-level DP (privacy.client), which clips a site's "
+            "whole update"
+        )
+    if rec.enabled and config.algorithm.align_weight > 0:
+        # InfoNCE contrasts each record with the others of its batch: one record
+        # moves every record's alignment term.
+        raise ConfigError(
+            "privacy.record with algorithm.align_weight > 0 cannot be privatized: the alignment loss "
+            "contrasts every record with the others of its batch, so one record moves every record's "
+            "gradient and per-record clipping does not bound it. Set algorithm.align_weight: 0, or use "
+            "client-level DP (privacy.client)"
         )
     _validate_robustness(config)
     if config.privacy.client.enabled and config.federation.fraction <= 0.0:

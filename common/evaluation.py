@@ -47,15 +47,33 @@ def score_episodes(
     inner_lr: float,
     optimizer: str = "sgd",
     head_init: str = "shared",
+    classifier: str = "head",
+    distance: str = "euclidean",
     chunk: int = EVAL_CHUNK,
 ) -> EpisodeScores:
-    """Per-episode query accuracy and loss after adapting on the support."""
+    """Per-episode query accuracy and loss after adapting on the support.
+
+    ``classifier="head"`` scores the model's own logits after ``inner_steps``
+    steps on the support's classification loss; ``"prototypes"`` (protonet)
+    scores the nearest class prototype of the support's embeddings after
+    ``inner_steps`` steps on the support's own prototypical loss
+    (:mod:`common.algorithms.protonet`; ``distance`` is its distance).
+    """
+    from common.algorithms import protonet
+
     weights, rates = model_part(params), (lr_part(params) or None)
+    if classifier not in ("head", "prototypes"):
+        raise ValueError(f"classifier must be 'head' or 'prototypes'; got {classifier!r}")
+    prototypes = classifier == "prototypes"
     loop = InnerLoop(inner_steps=inner_steps, inner_lr=inner_lr, first_order=True, optimizer=optimizer,
-                     head_init=head_init)
+                     head_init="shared" if prototypes else head_init)
+    oracle = protonet.prototypical_gradient(model, distance=distance) if prototypes else None
 
     def one(support, query):
-        adapted = adapt(model, weights, support, loop=loop, learning_rates=rates)
+        adapted = adapt(model, weights, support, loop=loop, learning_rates=rates, gradient=oracle)
+        if prototypes:
+            return (protonet.prototypical_accuracy(model, adapted, support, query, distance=distance),
+                    protonet.prototypical_loss(model, adapted, support, query, distance=distance))
         return batch_accuracy(model, adapted, query), batch_loss(model, adapted, query)
 
     total = int(episodes["support"]["labels"].shape[0])

@@ -226,6 +226,9 @@ class Task:
             train_on_query=train_on_query,
             optimizer=cfg.inner_optimizer,
             head_init=cfg.head_init,
+            proto_distance=cfg.proto_distance,
+            align_weight=cfg.align_weight,
+            align_temperature=cfg.align_temperature,
         )
 
     def train_on_site(
@@ -455,9 +458,13 @@ class Task:
     # ------------------------------------------------------------ evaluation
     def _scores(self, params: Tree, episodes: dict) -> torch.Tensor:
         cfg = self.config.algorithm
+        classifier = self.algorithm.classifier
+        # A prototypical network is scored by its prototypes, fine-tuned only when asked.
+        steps = cfg.proto_finetune_steps if classifier == "prototypes" else cfg.eval_inner_steps
         return score_episodes(
-            self.model, params, episodes, inner_steps=cfg.eval_inner_steps, inner_lr=cfg.inner_lr,
-            optimizer=cfg.inner_optimizer, head_init=cfg.head_init,
+            self.model, params, episodes, inner_steps=steps, inner_lr=cfg.inner_lr,
+            optimizer=cfg.inner_optimizer, head_init=cfg.head_init, classifier=classifier,
+            distance=cfg.proto_distance,
         )
 
     def evaluate_on_site(

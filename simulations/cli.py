@@ -25,6 +25,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from simulations.experiments import ALGORITHMS
+
     parser = argparse.ArgumentParser(prog="metafed", description="Federated meta-learning on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -39,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="each algorithm under the same seed, sites and rounds")
     cmp_.add_argument("--config", help="YAML experiment file")
     cmp_.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    cmp_.add_argument("--algorithms", default="fedavg,reptile,fomaml,maml,metasgd")
+    cmp_.add_argument("--algorithms", default=",".join(ALGORITHMS))
 
     sweep = sub.add_parser("privacy-sweep", help="held-out accuracy against epsilon (record and client level)")
     sweep.add_argument("--config", help="YAML experiment file")

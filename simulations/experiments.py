@@ -21,7 +21,7 @@ from typing import Any
 
 from common.config import Config, ConfigError, validate
 
-ALGORITHMS = ("fedavg", "reptile", "fomaml", "maml", "metasgd")
+ALGORITHMS = ("fedavg", "reptile", "fomaml", "maml", "metasgd", "protonet")
 
 
 class RunFailed(RuntimeError):

@@ -30,6 +30,8 @@ class ClientHParams:
     local_meta_steps: int = 1
     # FedAvg: train on support and query (all labelled records) unless False.
     train_on_query: bool = True
+    # protonet: "euclidean" (squared) or "cosine" distance to the prototypes.
+    proto_distance: str = "euclidean"
 
 
 @dataclass
@@ -56,14 +58,22 @@ class Algorithm:
     # Differentiate through the inner loop (MAML, Meta-SGD) unless the config
     # asks for first order; False for algorithms that never need it.
     second_order: bool = False
+    # How meta-test classifies a query after adapting on the support:
+    # "head", the model's own logits; "prototypes", the nearest class prototype
+    # of the support's embeddings (:mod:`common.algorithms.protonet`).
+    classifier: str = "head"
 
     def hparams(self, *, inner_steps: int, inner_lr: float, first_order: bool = False,
                 client_meta_lr: float = 0.5, local_meta_steps: int = 1,
-                train_on_query: bool = True, optimizer: str = "sgd", head_init: str = "shared") -> ClientHParams:
+                train_on_query: bool = True, optimizer: str = "sgd", head_init: str = "shared",
+                proto_distance: str = "euclidean", align_weight: float = 0.0,
+                align_temperature: float = 0.1) -> ClientHParams:
         loop = InnerLoop(inner_steps=inner_steps, inner_lr=inner_lr,
-                         first_order=first_order or not self.second_order, optimizer=optimizer, head_init=head_init)
+                         first_order=first_order or not self.second_order, optimizer=optimizer, head_init=head_init,
+                         align_weight=align_weight, align_temperature=align_temperature)
         return ClientHParams(loop=loop, client_meta_lr=client_meta_lr,
-                             local_meta_steps=local_meta_steps, train_on_query=train_on_query)
+                             local_meta_steps=local_meta_steps, train_on_query=train_on_query,
+                             proto_distance=proto_distance)
 
 
 def plain_init(model_params: Tree, inner_lr: float) -> Tree:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from common.algorithms.alignment import with_alignment
 from common.tree import Tree
 
 Batch = dict  # see common/data/schema.py for the layout
@@ -86,6 +87,11 @@ class InnerLoop:
     # "shared": start from the learned head; "prototypes": from the support's
     # class prototypes (:func:`prototype_head`).
     head_init: str = "shared"
+    # Cross-modal alignment (:mod:`common.algorithms.alignment`): every inner
+    # step adds this weight times the InfoNCE gradient on the batch it adapts
+    # on; 0 leaves the loop exactly as without it.
+    align_weight: float = 0.0
+    align_temperature: float = 0.1
 
 
 def prototype_head(model: nn.Module, params: Mapping[str, torch.Tensor], support: Batch) -> Tree:
@@ -174,6 +180,8 @@ def adapt_directions(
 
 def _inner_loop(model, params, support, *, loop, learning_rates, gradient, keep_directions):
     gradient = gradient or loss_gradient(model)
+    if loop.align_weight > 0:  # the one place the auxiliary loss joins the inner loop, for every algorithm
+        gradient = with_alignment(model, gradient, weight=loop.align_weight, temperature=loop.align_temperature)
     adapted = dict(params)
     if loop.head_init == "prototypes":
         adapted.update(prototype_head(model, params, support))

@@ -139,12 +139,39 @@ def maml_reference(*, model, params, episodes, hparams: ClientHParams) -> Client
     return ClientResult(params=current)
 
 
+def protonet_reference(*, model, params, episodes, hparams: ClientHParams) -> ClientResult:
+    """Prototypical networks' site update, one episode at a time with ``torch.autograd``."""
+    from common.algorithms.protonet import prototypical_loss
+
+    loop = hparams.loop
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    n = num_episodes(episodes)
+    for i in range(n):
+        episode = index_episode(episodes, i)
+        adapted = _requires_grad(params)
+        names = list(adapted)
+        squares = {k: torch.zeros_like(v) for k, v in adapted.items()}
+        for t in range(1, loop.inner_steps + 1):
+            loss = prototypical_loss(model, adapted, episode["support"], episode["query"],
+                                     distance=hparams.proto_distance)
+            grads = torch.autograd.grad(loss, [adapted[k] for k in names], allow_unused=True)
+            for k, g in zip(names, grads):
+                g = torch.zeros_like(adapted[k]) if g is None else g
+                if loop.optimizer == "adam":  # beta1 = 0
+                    squares[k] = loop.beta2 * squares[k] + (1 - loop.beta2) * g * g
+                    g = g / ((squares[k] / (1 - loop.beta2**t)).sqrt() + loop.eps)
+                adapted[k] = (adapted[k] - loop.inner_lr * g).detach().requires_grad_(True)
+        total = {k: total[k] + adapted[k].detach() for k in total}
+    return ClientResult(params={k: v / n for k, v in total.items()})
+
+
 REFERENCES = {
     "fedavg": fedavg_reference,
     "reptile": reptile_reference,
     "fomaml": maml_reference,
     "maml": maml_reference,
     "metasgd": maml_reference,
+    "protonet": protonet_reference,
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from common.algorithms import fedavg, maml, metasgd, reptile
+from common.algorithms import fedavg, maml, metasgd, protonet, reptile
 from common.algorithms.base import Algorithm
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -14,6 +14,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     "fomaml": replace(maml.ALGORITHM, name="fomaml", second_order=False),
     "maml": maml.ALGORITHM,
     "metasgd": metasgd.ALGORITHM,
+    "protonet": protonet.ALGORITHM,
 }
 
 

@@ -117,14 +117,18 @@ class MultimodalModel(nn.Module):
         return torch.stack(embeddings, dim=1), torch.stack(present, dim=1)
 
     def forward(
-        self, inputs: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], *, head_inputs: bool = False
+        self, inputs: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], *, head_inputs: bool = False,
+        embeddings: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, ways]``; with ``head_inputs`` what the fusion's linear heads see instead
-        (``[B, H, F]`` and presence ``[B, H]``; see ``fusion.head_names``), for prototype heads."""
-        embeddings, present = self.embed(inputs, masks)
+        (``[B, H, F]`` and presence ``[B, H]``; see ``fusion.head_names``), for prototype heads;
+        with ``embeddings`` the modality embeddings and presence of :meth:`embed` (cross-modal alignment)."""
+        if embeddings:
+            return self.embed(inputs, masks)
+        stacked, present = self.embed(inputs, masks)
         if head_inputs:
-            return self.fusion.head_inputs(embeddings, present)
-        return self.fusion(embeddings, present)
+            return self.fusion.head_inputs(stacked, present)
+        return self.fusion(stacked, present)
 
 
 def build_model(
