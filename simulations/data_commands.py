@@ -118,6 +118,7 @@ def run_import(args: argparse.Namespace) -> int:
     if args.arrays:
         if args.sources:
             raise ConfigError("give either folders (SRC...) or arrays (--array NAME=FILE), not both")
+        arrays = _pairs(args.arrays, "--array")
         if not args.labels:
             raise ConfigError("--array needs --labels FILE: the [n] labels of the records")
         try:
@@ -125,7 +126,7 @@ def run_import(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError("--vocab-size expects NAME=N with N a whole number") from None
         written = import_arrays(
-            _pairs(args.arrays, "--array"), args.labels, out, kinds=_pairs(args.kinds, "--kind"),
+            arrays, args.labels, out, kinds=_pairs(args.kinds, "--kind"),
             masks=_pairs(args.masks, "--mask"), sites=args.sites, site_id=args.site_id, vocab_sizes=vocab,
             overwrite=args.overwrite, progress=progress,
         )
@@ -249,5 +250,5 @@ def run_check_site(args: argparse.Namespace) -> int:
         print(f"problem: {p}")
     ok = len(sites) - (bad - len(problems))
     print(f"{len(sites)} site(s) checked: {ok} ok, {len(sites) - ok} with problems"
-          + (f"; {len(problems)} other problem(s)" if problems else ""))
+          + (f"; {len(problems)} problem(s) beyond single sites (above)" if problems else ""))
     return 2 if bad else 0

@@ -225,3 +225,45 @@ def test_arrays_that_disagree_with_the_labels_are_refused_before_writing(tmp_pat
     with pytest.raises(SiteDataError, match=r"cannot tell the kind.*--kind v=KIND"):
         import_arrays({"v": tmp_path / "v.npy"}, tmp_path / "y.npy", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_the_import_command_then_check_site(tmp_path, capsys):
+    from simulations.cli import main
+
+    src = tmp_path / "recordings"
+    for site in ("north", "south"):
+        for cls, f in (("whistle", 1500), ("hum", 300)):
+            for r in range(3):
+                write_wav(src / site / cls / f"{r}.wav", tone(f, rate=16000, n=4000), rate=16000)
+                write_image(src / site / cls / f"{r}.jpg", 90, mode="RGB")
+    out = tmp_path / "data" / "train"
+    code = main(["import", str(src), "--sites-from", "subfolders", "--out", str(out), "--n-fft", "62",
+                 "--frames", "16", "--image-size", "10", "12", "--audio-name", "sound"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert f"{out / 'north'}: 6 records, 2 classes, image [1, 10, 12], sound [1, 32, 16]" in text
+    assert main(["check-site", str(out)]) == 0
+    assert "2 site(s) checked: 2 ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--array", "x=a.npy"], "--array needs --labels FILE"),
+        (["--array", "x"], "--array expects NAME=VALUE"),
+        ([], "nothing to import"),
+        (["src", "--n-fft", "1"], "n_fft >= 2"),
+        (["missing-folder"], "missing-folder: no such folder"),
+    ],
+)
+def test_bad_import_arguments_exit_2_with_the_reason(tmp_path, capsys, monkeypatch, args, message):
+    from simulations.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src").mkdir()
+    assert main(["import", *args, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
