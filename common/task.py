@@ -22,7 +22,7 @@ from common.algorithms import inner
 from common.algorithms import get_algorithm
 from common.algorithms.base import ClientHParams
 from common.config import Config, ConfigError, DataConfig
-from common.data.schema import ModalitySpec, Schema
+from common.data.schema import Schema
 from common.evaluation import only_modality, raw_nearest_neighbour, score_episodes, summarize, without_modality
 from common.tree import Tree
 

@@ -45,7 +45,6 @@ modality), so the default 100 + 20 sites take seconds.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -61,7 +60,7 @@ import yaml
 
 from common.config import ConfigError, DataConfig
 from common.data.schema import ModalitySpec, Schema
-from common.data.site import SiteDataError, dump_yaml, list_sites, load_yaml, read_manifest, write_site
+from common.data.site import SiteDataError, dump_yaml, list_sites, load_yaml, write_site
 
 __all__ = [
     "PROCEDURAL_SCHEMA",
