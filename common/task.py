@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from common import tree
 from common.algorithms import inner
 from common.algorithms import get_algorithm
 from common.algorithms.base import ClientHParams
-from common.config import Config, ConfigError
-from common.data.schema import ModalitySpec, Schema
+from common.config import Config, ConfigError, DataConfig
+from common.data.schema import Schema
 from common.evaluation import only_modality, raw_nearest_neighbour, score_episodes, summarize, without_modality
 from common.tree import Tree
 
@@ -43,29 +42,38 @@ def resolve_device(name: str) -> torch.device:
 def resolve_schema(config: Config) -> Schema:
     """The modalities every site and the model share.
 
-    ``data.schema_file`` (a YAML mapping of modality name -> kind, shape, dtype,
-    vocab_size) defines custom modalities; otherwise the built-in specs of the
-    procedural benchmark are used (the Omniglot and FEMNIST converters write the
-    same 1x28x28 ``image``).
+    In this order: ``data.schema_file`` (a YAML mapping of modality name ->
+    kind, shape, dtype, vocab_size); else the schema of the sites already under
+    ``data.root`` (its ``benchmark.yaml``, or inferred from the sites'
+    manifests: :func:`common.data.schema_inference.collection_schema`); else,
+    when ``data.root`` holds no site yet, the built-in specs of the procedural
+    benchmark. ``data.modalities`` picks among a schema file's or the built-in
+    modalities; with the sites' own schema, its default value means "all of
+    them", and any other value must name modalities the sites declare.
     """
     from common.data.procedural import PROCEDURAL_SCHEMA
+    from common.data.schema_inference import collection_schema, read_schema_file
+    from common.data.site import SiteDataError
 
-    known: dict[str, ModalitySpec] = dict(PROCEDURAL_SCHEMA)
+    wanted = list(config.data.modalities)
     if config.data.schema_file:
-        path = Path(config.data.schema_file)
-        if not path.is_file():
-            raise ConfigError(f"data.schema_file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-            known = {name: ModalitySpec.from_dict(name, spec) for name, spec in raw.items()}
-        except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
-            raise ConfigError(f"{path}: not a valid modality schema ({err})") from None
-    unknown = [m for m in config.data.modalities if m not in known]
+            known, source = read_schema_file(Path(config.data.schema_file)), f"data.schema_file {config.data.schema_file}"
+        except SiteDataError as err:
+            raise ConfigError(f"data.schema_file: {err}") from None
+    else:
+        known = collection_schema(config.data.root)
+        source = f"the schema of the sites under {config.data.root}"
+        if known is None:
+            known, source = dict(PROCEDURAL_SCHEMA), "the procedural benchmark"
+        elif tuple(wanted) == DataConfig.modalities:
+            return dict(known)
+    unknown = [m for m in wanted if m not in known]
     if unknown:
         raise ConfigError(
-            f"data.modalities names {unknown}, which the schema does not define; known: {sorted(known)}"
+            f"data.modalities names {unknown}, which {source} does not define; known: {sorted(known)}"
         )
-    return {m: known[m] for m in config.data.modalities}
+    return {m: known[m] for m in wanted}
 
 
 # A reply metric set to 1 by a site whose DP noise is reproducible from the round's seed.

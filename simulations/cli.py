@@ -6,6 +6,8 @@
     metafed privacy-sweep [--config FILE] [--set ...] [--epsilons inf,8,4,2,1] [--levels record,client]
     metafed plan-privacy  [--config FILE] [--set ...] --target-epsilon 4 [--level record|client]
     metafed reset-ledger  LEDGER_OR_SITE_DIR [--receipt FILE] --yes
+    metafed import        SRC... --out DIR [options] | --array NAME=FILE... --labels FILE --out DIR
+    metafed check-site    DIR... [--config FILE] [--set ...] [--write-schema FILE]
 
 A bad config (unknown key, wrong type, missing file), bad data or a run
 directory without a checkpoint prints the reason on stderr and exits with code
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 from common.config import ConfigError, load
+from simulations import data_commands
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -65,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--config", help="YAML experiment file (its data section is used)")
     data.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     data.add_argument("--out", help="data root to write (default: data.root of the config)")
+
+    data_commands.add_parsers(sub)
     return parser
 
 
@@ -176,6 +181,10 @@ def _main(argv: list[str] | None) -> int:
             return _experiment(args, load(args.config, overrides=args.overrides))
         if args.command == "reset-ledger":
             return _reset_ledger(args)
+        if args.command == "import":
+            return data_commands.run_import(args)
+        if args.command == "check-site":
+            return data_commands.run_check_site(args)
         if args.command == "make-data":
             from simulations.runner import make_data
 

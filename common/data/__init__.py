@@ -4,11 +4,15 @@
 * :mod:`common.data.site`: write, load and validate site directories.
 * :mod:`common.data.procedural`: the default multimodal few-shot benchmark (no download).
 * :mod:`common.data.converters`: Omniglot and LEAF FEMNIST to site directories.
+* :mod:`common.data.importers`: class folders of images and WAV audio, and per-modality arrays, to sites.
+* :mod:`common.data.schema_inference`: the schema from a schema file or the sites' manifests.
+* :mod:`common.data.site_report`: what a site holds and which episodes it serves (``metafed check-site``).
 * :mod:`common.data.episodes`: N-way K-shot and Poisson-sampled episodes as batches.
 """
 
 from common.data.converters import FEMNIST_CLASSES, convert_femnist, convert_omniglot
 from common.data.episodes import eligible_classes, sample_episodes, sample_poisson_episodes
+from common.data.importers import import_arrays, import_class_folders
 from common.data.procedural import (
     BENCHMARK_FILE,
     PROCEDURAL_SCHEMA,
@@ -19,6 +23,7 @@ from common.data.procedural import (
     load_benchmark_schema,
 )
 from common.data.schema import KINDS, ModalitySpec, Schema
+from common.data.schema_inference import infer_schema, read_schema_file
 from common.data.site import (
     FORMAT_VERSION,
     SiteData,
@@ -50,6 +55,10 @@ __all__ = [
     "convert_omniglot",
     "convert_femnist",
     "FEMNIST_CLASSES",
+    "import_class_folders",
+    "import_arrays",
+    "infer_schema",
+    "read_schema_file",
     "sample_episodes",
     "sample_poisson_episodes",
     "eligible_classes",

@@ -45,7 +45,6 @@ modality), so the default 100 + 20 sites take seconds.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -61,7 +60,7 @@ import yaml
 
 from common.config import ConfigError, DataConfig
 from common.data.schema import ModalitySpec, Schema
-from common.data.site import SiteDataError, dump_yaml, list_sites, load_yaml, read_manifest, write_site
+from common.data.site import SiteDataError, dump_yaml, list_sites, load_yaml, write_site
 
 __all__ = [
     "PROCEDURAL_SCHEMA",
@@ -582,27 +581,11 @@ def load_benchmark_schema(root: str | os.PathLike) -> Schema:
             "procedural benchmark there, convert a dataset into it, or point at a folder of sites",
             path=root,
         )
-    schema: dict[str, ModalitySpec] = {}
-    origin: dict[str, Path] = {}
-    for site in sites:
-        try:
-            specs = read_manifest(site)["specs"]
-        except SiteDataError as err:
-            # One bad site must not stop the others: it is left out here, and
-            # loading it for a round fails with this message at that site.
-            logging.getLogger("metafed.data").warning("site %s left out: %s", site, err)
-            continue
-        for name, spec in specs.items():
-            if name in schema and schema[name] != spec:
-                raise SiteDataError(
-                    f"{site / 'manifest.yaml'}: modality {name!r} is {spec.to_dict()} but "
-                    f"{origin[name] / 'manifest.yaml'} declares it {schema[name].to_dict()}. Fix: give "
-                    "every site the same spec for a modality",
-                    path=site / "manifest.yaml",
-                )
-            schema.setdefault(name, spec)
-            origin.setdefault(name, site)
-    return dict(sorted(schema.items()))
+    from common.data.schema_inference import infer_schema
+
+    # One bad site must not stop the others: it is left out here, and loading
+    # it for a round fails with its own message at that site.
+    return infer_schema(sites, skip_unreadable=True)
 
 
 def _check_existing(root: Path, config: DataConfig) -> BenchmarkPaths:
