@@ -267,3 +267,23 @@ def test_bad_import_arguments_exit_2_with_the_reason(tmp_path, capsys, monkeypat
     assert main(["import", *args, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_progress_bar_redraws_on_a_terminal_and_is_silent_elsewhere():
+    import io
+
+    from simulations.data_commands import ProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term, pipe = Terminal(), io.StringIO()
+    for stream in (term, pipe):
+        bar = ProgressBar(stream=stream, width=10)
+        for done in range(1, 5):
+            bar(done, 4, "ward-a")
+    frames = term.getvalue().split("\r")[1:]
+    assert len(frames) == 4 and frames[1].rstrip().endswith("[#####.....] 2/4")
+    assert frames[-1] == f"{'ward-a':<24} [##########] 4/4\n"
+    assert pipe.getvalue() == ""
