@@ -267,3 +267,37 @@ def test_bad_import_arguments_exit_2_with_the_reason(tmp_path, capsys, monkeypat
     assert main(["import", *args, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_progress_bar_redraws_on_a_terminal_and_is_silent_elsewhere():
+    import io
+
+    from simulations.data_commands import ProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term, pipe = Terminal(), io.StringIO()
+    for stream in (term, pipe):
+        bar = ProgressBar(stream=stream, width=10)
+        for done in range(1, 5):
+            bar(done, 4, "ward-a")
+    frames = term.getvalue().split("\r")[1:]
+    assert len(frames) == 4 and frames[1].rstrip().endswith("[#####.....] 2/4")
+    assert frames[-1] == f"{'ward-a':<24} [##########] 4/4\n"
+    assert pipe.getvalue() == ""
+
+
+def test_the_example_folders_import_as_the_readme_shows(tmp_path):
+    from common.data.site_report import check_site
+    from simulations.example_folders import write_example_folders
+
+    clinic, held_out = write_example_folders(tmp_path, records=4)
+    sites = import_class_folders(clinic, tmp_path / "data" / "train", sites_from="subfolders")
+    (test_site,) = import_class_folders(held_out / "ward-d", tmp_path / "data" / "test")
+    assert [s.name for s in sites] == ["ward-a", "ward-b", "ward-c"] and test_site.name == "ward-d"
+    report = check_site(sites[0])
+    assert report.ok and len(report.class_names) == 6 and report.num_records == 24
+    assert {m.name: m.missing_rate for m in report.modalities} == {"image": 0.0, "audio": 0.25}
+    assert not set(load_site(test_site).class_names) & set(report.class_names)  # held-out classes
