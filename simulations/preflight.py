@@ -1,0 +1,145 @@
+"""Every check a run's input can fail, done before Ray, Flower or a run directory exists.
+
+:func:`check` runs the same code the run itself runs on the same input, so
+that the rules live in one place: the schema (:func:`common.task.resolve_schema`,
+through :class:`common.task.Task`), the device (:func:`common.task.resolve_device`),
+the model built for that schema, every site read and validated as a site
+worker reads it (:meth:`common.task.Task.read_site`: files, shapes and dtypes
+against the schema, records per class for ``shots + query_shots``), every
+simulated site's privacy policy (:mod:`client.privacy_policy`), the Ray
+resources (:func:`simulations.runner.backend_config`) and, on resume, the
+checkpoint (:func:`server.checkpoint.load_latest`) against the model's
+parameter shapes. What it finds raises a ``ValueError`` (``ConfigError``,
+``SiteDataError``, ``CheckpointError``): the command line prints it and exits
+with code 2.
+
+A site that fails validation refuses the run unless
+``data.on_invalid_site: warn``: then it is reported and the run goes on (a
+train site answers every round with its error, a held-out one is left out of
+the meta-test).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from client import sites
+from common.config import Config, ConfigError
+
+_MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What a run that passed its checks will use."""
+
+    train_sites: list[Path]
+    test_sites: list[Path]
+    # (site directory, why it is invalid) for each site let through by ``data.on_invalid_site: warn``.
+    invalid_sites: list[tuple[Path, str]] = field(default_factory=list)
+    backend: dict[str, Any] = field(default_factory=dict)
+
+
+def check(
+    config: Config,
+    *,
+    resume_dir: str | Path | None = None,
+    ray: bool = True,
+    warn: Callable[[str], None] = print,
+) -> Preflight:
+    """Check ``config`` (paths already absolute) and its data; raise ``ValueError`` on bad input.
+
+    ``ray``: also the Ray resources of the simulation (``metafed simulate``);
+    ``resume_dir``: a run to continue, whose latest intact checkpoint must fit
+    the model. Writes the procedural benchmark when ``data.generate`` asks.
+    """
+    from simulations.runner import backend_config, prepare_data
+
+    resume_path = Path(resume_dir).resolve() if resume_dir is not None else None
+    if resume_path is not None:
+        from simulations.runner import checkpoint_dirs
+
+        if not checkpoint_dirs(resume_path):
+            raise ConfigError(
+                f"no checkpoint under {resume_path / 'checkpoints'}: nothing to resume "
+                "(checkpoints are written every federation.checkpoint_every rounds)"
+            )
+    _check_site_policy(config)
+    backend = backend_config(config) if ray else {}
+    if config.runtime.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "runtime.tensorboard=true needs the tensorboard package: pip install 'metafed[tensorboard]' "
+            "(or pip install tensorboard), or set runtime.tensorboard=false"
+        )
+    train = prepare_data(config)
+    fed = config.federation
+    if fed.min_sites > len(train):
+        raise ConfigError(
+            f"federation.min_sites={fed.min_sites} but there are {len(train)} train sites under "
+            f"{Path(config.data.root) / 'train'}: the run would wait for sites that never come; "
+            f"set federation.min_sites to at most {len(train)}, or add sites"
+        )
+
+    from common.task import Task  # the engine: torch and the model code
+
+    task = Task(config)  # the schema, the device and the model, as every site and the server build them
+    test = sites.test_site_dirs(config.data.root)
+    invalid = _invalid_sites(task, [*train, *test])
+    if invalid:
+        listing = "; ".join(f"{path.parent.name}/{path.name}: {reason}" for path, reason in invalid[:_MAX_LISTED])
+        more = f" (and {len(invalid) - _MAX_LISTED} more)" if len(invalid) > _MAX_LISTED else ""
+        if config.data.on_invalid_site == "refuse":
+            from common.data import SiteDataError
+
+            raise SiteDataError(
+                f"{len(invalid)} of {len(train) + len(test)} sites fail validation: {listing}{more}. Fix those "
+                "sites, or set data.on_invalid_site=warn to run without them (a train site then answers every "
+                "round with its error)"
+            )
+        warn(f"warning: {len(invalid)} invalid site(s), running without them (data.on_invalid_site=warn): "
+             f"{listing}{more}")
+        valid_train = len(train) - sum(1 for path, _ in invalid if path in train)
+        if valid_train < max(1, fed.min_sites):
+            raise ConfigError(
+                f"only {valid_train} of {len(train)} train sites are valid, fewer than "
+                f"federation.min_sites={fed.min_sites} (at least 1): fix the sites listed above"
+            )
+    if resume_path is not None:
+        _check_checkpoint_fits(resume_path, task)
+    return Preflight(train_sites=train, test_sites=test, invalid_sites=invalid, backend=backend)
+
+
+def _check_site_policy(config: Config) -> None:
+    """Every simulated site holds the config's site_privacy policy: a run it would refuse is bad input."""
+    from client import privacy_policy
+
+    try:
+        privacy_policy.check(config, privacy_policy.validate(config.site_privacy))
+    except privacy_policy.PolicyViolation as err:
+        raise privacy_policy.PolicyViolation(
+            f"{err}. Every simulated site holds the config's site_privacy policy: change privacy.record, "
+            "or site_privacy"
+        ) from None
+
+
+def _invalid_sites(task: Any, paths: list[Path]) -> list[tuple[Path, str]]:
+    """(path, reason) of each site that the run's own reader refuses (each read once, then dropped)."""
+    invalid = []
+    for path in paths:
+        try:
+            task.read_site(path)
+        except ValueError as err:  # SiteDataError, and anything the reader refuses
+            invalid.append((path, str(err)))
+    return invalid
+
+
+def _check_checkpoint_fits(run_dir: Path, task: Any) -> None:
+    """The latest intact checkpoint exists and has the model's parameter names and shapes."""
+    from server import checkpoint
+
+    state, _saved = checkpoint.load_latest(run_dir, on_damaged=lambda path, reason: None)
+    checkpoint.check_fits(state, shapes=task.parameter_shapes, run_dir=run_dir)
