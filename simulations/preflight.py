@@ -68,6 +68,10 @@ def check(
                 f"no checkpoint under {resume_path / 'checkpoints'}: nothing to resume "
                 "(checkpoints are written every federation.checkpoint_every rounds)"
             )
+        from server import checkpoint
+
+        # Every checkpoint damaged: the reasons now (the data is checked after).
+        state, _saved = checkpoint.load_latest(resume_path, on_damaged=lambda path, reason: None)
     _check_site_policy(config)
     backend = backend_config(config) if ray else {}
     if config.runtime.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -90,18 +94,23 @@ def check(
     test = sites.test_site_dirs(config.data.root)
     invalid = _invalid_sites(task, [*train, *test])
     if invalid:
-        listing = "; ".join(f"{path.parent.name}/{path.name}: {reason}" for path, reason in invalid[:_MAX_LISTED])
-        more = f" (and {len(invalid) - _MAX_LISTED} more)" if len(invalid) > _MAX_LISTED else ""
+        total = len(train) + len(test)
+        first_path, first_reason = invalid[0]
+        same = [path for path, reason in invalid[1:] if _generic(reason, path) == _generic(first_reason, first_path)]
+        other = [(path, reason) for path, reason in invalid[1:] if path not in same]
+        also = ""
+        if same:
+            also += f" The same at {_names(same)}."
+        if other:
+            also += " Also: " + " ".join(f"{reason}." for _, reason in other[:_MAX_LISTED])
+            also += f" (and {len(other) - _MAX_LISTED} more sites)" if len(other) > _MAX_LISTED else ""
+        what = f"{len(invalid)} of {total} sites fail validation. {first_reason}.{also}"
         if config.data.on_invalid_site == "refuse":
-            from common.data import SiteDataError
-
-            raise SiteDataError(
-                f"{len(invalid)} of {len(train) + len(test)} sites fail validation: {listing}{more}. Fix those "
-                "sites, or set data.on_invalid_site=warn to run without them (a train site then answers every "
-                "round with its error)"
+            raise ConfigError(
+                f"{what} Fix those sites, or set data.on_invalid_site=warn to run without them (a train "
+                "site then answers every round with its error, a held-out one is left out of the meta-test)"
             )
-        warn(f"warning: {len(invalid)} invalid site(s), running without them (data.on_invalid_site=warn): "
-             f"{listing}{more}")
+        warn(f"warning: {what} Running without them (data.on_invalid_site=warn)")
         valid_train = len(train) - sum(1 for path, _ in invalid if path in train)
         if valid_train < max(1, fed.min_sites):
             raise ConfigError(
@@ -109,8 +118,19 @@ def check(
                 f"federation.min_sites={fed.min_sites} (at least 1): fix the sites listed above"
             )
     if resume_path is not None:
-        _check_checkpoint_fits(resume_path, task)
+        checkpoint.check_fits(state, shapes=task.parameter_shapes, run_dir=resume_path)
     return Preflight(train_sites=train, test_sites=test, invalid_sites=invalid, backend=backend)
+
+
+def _generic(reason: str, path: Path) -> str:
+    """A site's error with its own path taken out (to tell one problem at many sites from many problems)."""
+    return reason.replace(str(path), "<site>")
+
+
+def _names(paths: list[Path]) -> str:
+    names = [f"{path.parent.name}/{path.name}" for path in paths]
+    return ", ".join(names[:_MAX_LISTED]) + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED
+                                             else "")
 
 
 def _check_site_policy(config: Config) -> None:
@@ -135,11 +155,3 @@ def _invalid_sites(task: Any, paths: list[Path]) -> list[tuple[Path, str]]:
         except ValueError as err:  # SiteDataError, and anything the reader refuses
             invalid.append((path, str(err)))
     return invalid
-
-
-def _check_checkpoint_fits(run_dir: Path, task: Any) -> None:
-    """The latest intact checkpoint exists and has the model's parameter names and shapes."""
-    from server import checkpoint
-
-    state, _saved = checkpoint.load_latest(run_dir, on_damaged=lambda path, reason: None)
-    checkpoint.check_fits(state, shapes=task.parameter_shapes, run_dir=run_dir)
