@@ -6,10 +6,12 @@
     metafed privacy-sweep [--config FILE] [--set ...] [--epsilons inf,8,4,2,1] [--levels record,client]
     metafed plan-privacy  [--config FILE] [--set ...] --target-epsilon 4 [--level record|client]
     metafed reset-ledger  LEDGER_OR_SITE_DIR [--receipt FILE] --yes
+    metafed report        RUN_DIR... [--out DIR]
 
 A bad config (unknown key, wrong type, missing file), bad data or a run
 directory without a checkpoint prints the reason on stderr and exits with code
-2; a run that fails exits with code 1.
+2, before anything is started or written (:mod:`simulations.preflight`); a run
+that fails exits with code 1.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="the ledger file, or a site directory (its privacy_ledger.json)")
     reset.add_argument("--receipt", help="the ledger's receipt when it is kept elsewhere (site_privacy.state_dir)")
     reset.add_argument("--yes", action="store_true", help="confirm: the site forgets the budget it has spent")
+
+    report = sub.add_parser("report", help="finished runs side by side: a markdown table and accuracy plots")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each with summary.json)")
+    report.add_argument("--out", default="report",
+                        help="folder for report.md and the plots (default: ./report)")
 
     data = sub.add_parser("make-data", help="write the procedural benchmark's site directories")
     data.add_argument("--config", help="YAML experiment file (its data section is used)")
@@ -174,6 +181,13 @@ def _main(argv: list[str] | None) -> int:
             return _experiment(args, load(args.config, overrides=args.overrides))
         if args.command == "reset-ledger":
             return _reset_ledger(args)
+        if args.command == "report":
+            from simulations.report import write_report
+
+            markdown, written = write_report(args.runs, out_dir=args.out)
+            print(markdown)
+            print("\n".join(f"wrote {p}" for p in written))
+            return EXIT_OK
         if args.command == "make-data":
             from simulations.runner import make_data
 

@@ -22,6 +22,7 @@ the meta-test).
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ def check(
         # Every checkpoint damaged: the reasons now (the data is checked after).
         state, _saved = checkpoint.load_latest(resume_path, on_damaged=lambda path, reason: None)
     _check_site_policy(config)
+    if resume_path is None:
+        _check_writable(Path(config.output_dir), "output_dir")
     backend = backend_config(config) if ray else {}
     if config.runtime.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError(
@@ -131,6 +134,17 @@ def _names(paths: list[Path]) -> str:
     names = [f"{path.parent.name}/{path.name}" for path in paths]
     return ", ".join(names[:_MAX_LISTED]) + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED
                                              else "")
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    """``folder`` exists as a writable directory, or can be made in the nearest existing one (nothing is made)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{key}={str(folder)!r}: {probe} is a file, not a folder; choose another {key}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={str(folder)!r}: {probe} is not writable by this user; choose another {key}")
 
 
 def _check_site_policy(config: Config) -> None:
