@@ -16,6 +16,7 @@ Needs the ``tensorboard`` package (``pip install 'metafed[tensorboard]'``).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -67,11 +68,25 @@ def scalars(line: dict[str, Any], *, ways: int) -> dict[str, float]:
     return out
 
 
+def require():
+    """``torch.utils.tensorboard.SummaryWriter``; a ``ConfigError`` saying what to install when it is missing."""
+    from common.config import ConfigError
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "runtime.tensorboard=true needs the tensorboard package: pip install 'metafed[tensorboard]' "
+            "(or pip install tensorboard), or set runtime.tensorboard=false"
+        )
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter
+
+
 class RoundEvents:
     """One event-file writer per run session under ``log_dir``."""
 
     def __init__(self, log_dir: str | Path, *, ways: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        SummaryWriter = require()
 
         self.ways = ways
         self.writer = SummaryWriter(log_dir=str(log_dir))

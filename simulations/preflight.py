@@ -21,7 +21,6 @@ the meta-test).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,11 +76,10 @@ def check(
     if resume_path is None:
         _check_writable(Path(config.output_dir), "output_dir")
     backend = backend_config(config) if ray else {}
-    if config.runtime.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError(
-            "runtime.tensorboard=true needs the tensorboard package: pip install 'metafed[tensorboard]' "
-            "(or pip install tensorboard), or set runtime.tensorboard=false"
-        )
+    if config.runtime.tensorboard:
+        from server import tensorboard_events
+
+        tensorboard_events.require()
     train = prepare_data(config)
     fed = config.federation
     if fed.min_sites > len(train):

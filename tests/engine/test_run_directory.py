@@ -133,3 +133,15 @@ def test_bad_input_to_the_local_runner_exits_2_and_writes_nothing(tmp_path, caps
                        "--set", f"output_dir={tmp_path / 'runs'}"])
     assert code == 2 and "data.generate" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_tensorboard_without_its_package_is_bad_input(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    code = local.main(["--config", str(SMOKE), "--set", f"data.root={tmp_path / 'data'}",
+                       "--set", f"output_dir={tmp_path / 'runs'}", "--set", "runtime.tensorboard=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'metafed[tensorboard]'" in err and "runtime.tensorboard=false" in err
+    assert not (tmp_path / "runs").exists()
