@@ -348,3 +348,18 @@ def test_flwr_run_reaches_the_same_model(run_s, smoke_data, tmp_path):
     assert [line["round"] for line in metrics(run_dir)] == [1, 2]
     a, b = final_params(run_s[1]), final_params(run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failing_server_app_exits_non_zero(smoke_data, tmp_path):
+    """An exception in the ServerApp (here: a held-out site that fails validation) -> exit 1, Ray stopped."""
+    import numpy as np
+
+    root = tmp_path / "data"
+    shutil.copytree(smoke_data / "train", root / "train")
+    shutil.copytree(smoke_data / "test", root / "test")
+    labels = root / "test" / "site-0000" / "labels.npy"
+    np.save(labels, np.load(labels)[:-2])
+    proc = metafed("simulate", "--config", str(SMOKE), "--set", f"data.root={root}", "--set", "data.generate=false",
+                   "--set", f"output_dir={tmp_path / 'runs'}")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "the run failed" in proc.stderr and "labels" in proc.stderr
