@@ -138,11 +138,7 @@ class RunFiles:
         self.config_path = self.run_dir / CONFIG_FILE
         self.metrics_path = self.run_dir / METRICS_FILE
         self.summary_path = self.run_dir / SUMMARY_FILE
-        self._events = None
-        if config.runtime.tensorboard:
-            from server.tensorboard_events import RoundEvents
-
-            self._events = RoundEvents(self.run_dir / TENSORBOARD_DIR, ways=config.episodes.ways)
+        self._events = None  # the TensorBoard writer, opened at the session's first round
 
     def write_config(self) -> None:
         save(self.config, self.config_path)
@@ -157,7 +153,13 @@ class RunFiles:
         """One round's line, written as soon as the round ends."""
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(jsonable(line)) + "\n")
-        if self._events is not None:
+        if self.config.runtime.tensorboard:
+            if self._events is None:
+                from server.tensorboard_events import RoundEvents
+
+                # A resumed run repeats the rounds after its checkpoint: their old events are dropped.
+                self._events = RoundEvents(self.run_dir / TENSORBOARD_DIR, ways=self.config.episodes.ways,
+                                           purge_step=int(line["round"]))
             self._events.write(line)
 
     def plots(self, history: list[dict[str, Any]], *, on_error=None) -> list[str]:
@@ -201,7 +203,7 @@ class RunFiles:
                 "metrics": str(self.metrics_path),
                 **dict(extra_paths or {}),
                 "plots": plots,
-                **({"tensorboard": str(self.run_dir / TENSORBOARD_DIR)} if self._events is not None else {}),
+                **({"tensorboard": str(self.run_dir / TENSORBOARD_DIR)} if config.runtime.tensorboard else {}),
             },
         }
         tmp = self.summary_path.with_suffix(".json.tmp")

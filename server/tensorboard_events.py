@@ -85,11 +85,13 @@ def require():
 class RoundEvents:
     """One event-file writer per run session under ``log_dir``."""
 
-    def __init__(self, log_dir: str | Path, *, ways: int) -> None:
+    def __init__(self, log_dir: str | Path, *, ways: int, purge_step: int | None = None) -> None:
+        """``purge_step``: the first round this writer logs; events of that round and later already in
+        ``log_dir`` (from a session that ended after its last checkpoint) are dropped on reading."""
         SummaryWriter = require()
 
         self.ways = ways
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         self.writer.add_custom_scalars({
             "accuracy": {
                 "held-out accuracy and baselines": ["Multiline", ["accuracy/(?!held_out_)"]],

@@ -145,3 +145,27 @@ def test_tensorboard_without_its_package_is_bad_input(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert code == 2 and "pip install 'metafed[tensorboard]'" in err and "runtime.tensorboard=false" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_resumed_run_replaces_the_rounds_it_repeats_in_tensorboard(tmp_path):
+    """A session that ended after its last checkpoint logged rounds that the resumed session runs again."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from common.config import load
+    from server.run_files import RunFiles
+
+    config = load(SMOKE, overrides={"runtime.tensorboard": True})
+    first = RunFiles(tmp_path, config=config)
+    for r in (1, 2, 3):
+        first.append({"round": r, "train": {"loss": float(r)}})
+    first.close()
+    time.sleep(1.1)  # event files are named by the second they were opened
+    resumed = RunFiles(tmp_path, config=config)
+    for r in (2, 3):
+        resumed.append({"round": r, "train": {"loss": 10.0 * r}})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 20.0), (3, 30.0)]
