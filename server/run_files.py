@@ -182,10 +182,11 @@ class RunFiles:
         session_time_s: float,
         plots: list[str],
         extra_paths: Mapping[str, Any] | None = None,
+        error: str | None = None,
     ) -> dict[str, Any]:
-        """``summary.json`` of the run (written atomically), returned."""
+        """``summary.json`` of the run (written atomically), returned; ``error``: why the run stopped early."""
         config = self.config
-        status, reason = run_status(history, config, metrics_path=self.metrics_path)
+        status, reason = ("failed", error) if error else run_status(history, config, metrics_path=self.metrics_path)
         privacy = privacy_summary(history, config)
         summary = {
             "name": config.name,

@@ -37,7 +37,7 @@ from common.config import Config, to_dict
 from common.task import NOT_PRIVATE_REPRODUCIBLE, REPRODUCIBLE_NOISE_METRIC
 from server import checkpoint
 from server.aggregation import make_aggregator
-# failed_rounds, jsonable and privacy_summary are imported from here too.
+# Also imported from here: failed_rounds, jsonable, privacy_summary.
 from server.run_files import RunFiles, failed_rounds, jsonable, make_run_dir, privacy_summary  # noqa: F401
 from server.state import STREAM_META_TEST, ServerState, derived_seed
 from server.strategy import MetaStrategy, is_due

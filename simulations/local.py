@@ -134,6 +134,13 @@ def train(config: Config, *, task: Task | None = None, log=print, ablate: bool =
     return run
 
 
+def _lines(files: RunFiles) -> list[dict]:
+    """The rounds already in ``metrics.jsonl``."""
+    import json
+
+    return [json.loads(x) for x in files.metrics_path.read_text().splitlines() if x.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command: 0 when the run completed, 1 when it failed, 2 on bad input (nothing written)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,13 +167,21 @@ def main(argv: list[str] | None = None) -> int:
     files.write_config()
     files.rewrite_metrics([])
     session_start = time.time()
-    run = train(config, ablate=not args.no_ablate, files=files)
+    try:
+        run = train(config, ablate=not args.no_ablate, files=files)
+    except Exception as err:  # noqa: BLE001 - reported, in summary.json too, and the exit code says so
+        reason = f"{type(err).__name__}: {err}"
+        print(f"error: the run failed: {reason}", file=sys.stderr, flush=True)
+        files.summary(_lines(files), rounds=len(_lines(files)), wall_time_s=time.time() - session_start,
+                      session_time_s=time.time() - session_start, plots=[], error=reason)
+        files.close()
+        return 1
     plots = files.plots(run.history, on_error=lambda err: print(f"plots not written: {err}", file=sys.stderr))
     torch.save({k: v.detach().cpu() for k, v in run.params.items()}, files.run_dir / "final_params.pt")
     elapsed = run.history[-1]["elapsed"] if run.history else time.time() - session_start
     files.summary(run.history, rounds=len(run.history), wall_time_s=elapsed,
-                            session_time_s=time.time() - session_start, plots=plots,
-                            extra_paths={"final_params": str(files.run_dir / "final_params.pt")})
+                  session_time_s=time.time() - session_start, plots=plots,
+                  extra_paths={"final_params": str(files.run_dir / "final_params.pt")})
     files.close()
     report = run.meta_test
     print(f"held-out accuracy {report['accuracy']:.4f} +- {report['ci95']:.4f} "

@@ -118,6 +118,7 @@ def check(
                 f"only {valid_train} of {len(train)} train sites are valid, fewer than "
                 f"federation.min_sites={fed.min_sites} (at least 1): fix the sites listed above"
             )
+    _check_first_round_budget(config, task)
     if resume_path is not None:
         checkpoint.check_fits(state, shapes=task.parameter_shapes, run_dir=resume_path)
     return Preflight(train_sites=train, test_sites=test, invalid_sites=invalid, backend=backend)
@@ -155,6 +156,31 @@ def _check_site_policy(config: Config) -> None:
         raise privacy_policy.PolicyViolation(
             f"{err}. Every simulated site holds the config's site_privacy policy: change privacy.record, "
             "or site_privacy"
+        ) from None
+
+
+def _check_first_round_budget(config: Config, task: Any) -> None:
+    """Under record-level DP, a site's own budget check on a first round with nothing spent yet.
+
+    A round that costs more than ``max_epsilon`` (or ``site_privacy.max_round_epsilon``)
+    on a fresh ledger is refused by every site in every round: the run could not train.
+    """
+    if not config.privacy.record.enabled:
+        return
+    from types import SimpleNamespace
+
+    from common.privacy.ledger import PrivacyLedger
+    from common.task import PrivacyRefused
+
+    rec = config.privacy.record
+    fresh = PrivacyLedger(Path("none, nothing spent yet"), accountant=rec.accountant, delta=rec.delta)  # in memory
+    try:
+        task.check_round_budget(SimpleNamespace(site_id="<each>"), fresh, task.record_dp_steps(task.round_settings(None)))
+    except PrivacyRefused as err:
+        raise ConfigError(
+            f"{err}. That is a first round: no site could train at all. Raise privacy.record.noise_multiplier, "
+            "lower privacy.record.sample_rate, episodes.episodes_per_round or algorithm.inner_steps, or allow a "
+            "larger budget"
         ) from None
 
 

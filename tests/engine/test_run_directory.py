@@ -169,3 +169,17 @@ def test_a_resumed_run_replaces_the_rounds_it_repeats_in_tensorboard(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 20.0), (3, 30.0)]
+
+
+def test_a_local_run_that_fails_midway_exits_1_with_a_failed_summary(tmp_path, capsys):
+    """Record-level DP whose budget holds one round: every site refuses the second."""
+    code = local.main(["--config", str(SMOKE), "--no-ablate", "--set", f"data.root={tmp_path / 'data'}",
+                       "--set", f"output_dir={tmp_path / 'runs'}", "--set", "federation.eval_episodes=3",
+                       "--set", "privacy.record.enabled=true", "--set", "site_privacy.require_record_dp=true",
+                       "--set", "site_privacy.max_epsilon=15", "--set", "privacy.record.max_epsilon=15",
+                       "--set", f"site_privacy.ledger_dir={tmp_path / 'ledgers'}"])
+    assert code == 1 and "the run failed: PrivacyBudgetExceeded" in capsys.readouterr().err
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "max_epsilon=15" in summary["reason"] and summary["rounds"] == 1
+    assert [line["round"] for line in _lines(run_dir)] == [1]

@@ -102,6 +102,10 @@ def results(smoke_data, tmp_path_factory):
         "min_sites": simulate("min_sites", smoke_data, "federation.min_sites=4"),
         "held_out": simulate("held_out", held_out),
         "resume_other_model": ["simulate", "--resume", str(resume), "--set", "model.hidden=4"],
+        # Record-level DP whose first round already costs more than the sites' budget.
+        "first_round_budget": simulate("first_round_budget", smoke_data, "privacy.record.enabled=true",
+                                       "site_privacy.require_record_dp=true", "site_privacy.max_epsilon=0.01",
+                                       "privacy.record.max_epsilon=0.01", f"site_privacy.ledger_dir={tmp / 'ledgers'}"),
     }
     import torch
 
@@ -142,6 +146,7 @@ def _resumable(run_dir: Path, smoke_data: Path) -> Path:
         ("min_sites", "federation.min_sites=4 but there are 3 train sites"),
         ("held_out", "labels"),
         ("resume_other_model", "does not fit this model config"),
+        ("first_round_budget", "past its site_privacy.max_epsilon=0.01"),
         ("cuda", "no CUDA device"),
     ],
 )
@@ -166,8 +171,9 @@ def test_the_message_names_the_site_and_the_fix(results):
 
 
 def test_a_refused_resume_leaves_the_run_as_it_was(results):
-    _, _, resume = results
+    _, runs, resume = results
     assert sorted(p.name for p in resume.iterdir()) == ["checkpoints", "config.yaml"]
+    assert not (runs.parent / "ledgers").exists()  # the budget check spends nothing
 
 
 def test_warn_lets_a_run_start_without_its_invalid_sites(smoke_data, tmp_path):
