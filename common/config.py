@@ -50,6 +50,11 @@ class DataConfig:
     # Follow links in a site folder that lead outside it (refused by default:
     # a site's data is what its folder holds).
     allow_external_links: bool = False
+    # A train or held-out site that fails validation before a simulation starts:
+    # "refuse" the run (exit code 2, naming the site and the fix), or "warn" and
+    # run anyway (the site answers every round with its error, as a deployed
+    # site would; a held-out one is left out of the meta-test).
+    on_invalid_site: str = "refuse"
     seed: int = 0
 
 
@@ -252,6 +257,9 @@ class RuntimeConfig:
     num_gpus: float = 0.0
     torch_threads: int = 1
     dtype: str = "float32"
+    # Also write TensorBoard event files (run_dir/tensorboard): needs the
+    # ``tensorboard`` package (pip install 'metafed[tensorboard]').
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -286,6 +294,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "runtime.dtype": ("float32", "float64"),
     "aggregation.rule": ("mean", "median", "trimmed_mean", "multikrum", "clipped_mean"),
     "replies.on_excess": ("reject", "clip"),
+    "data.on_invalid_site": ("refuse", "warn"),
 }
 
 

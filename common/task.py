@@ -158,18 +158,26 @@ class Task:
     # ------------------------------------------------------------------ data
     def load_site(self, site_dir: str | Path):
         """A validated site, loaded once per process (keyed by path and manifest time)."""
-        from common.data import load_site
-
         path = Path(site_dir).resolve()
         manifest = path / "manifest.yaml"
         key = f"{path}:{manifest.stat().st_mtime_ns if manifest.exists() else 0}"
         if key not in self._sites:
-            episodes = self.config.episodes
-            needed = max(episodes.shots, episodes.effective_train_shots) + episodes.query_shots
-            self._sites[key] = load_site(path, schema=self.schema, min_records_per_class=0,
-                                         allow_external_links=self.config.data.allow_external_links)
-            self._check_site_can_serve(self._sites[key], needed)
+            self._sites[key] = self.read_site(path)
         return self._sites[key]
+
+    def read_site(self, site_dir: str | Path):
+        """Read and validate a site for this task (schema, episode sizes), without caching it.
+
+        Raises :class:`common.data.SiteDataError` naming the file and the fix.
+        """
+        from common.data import load_site
+
+        episodes = self.config.episodes
+        needed = max(episodes.shots, episodes.effective_train_shots) + episodes.query_shots
+        site = load_site(Path(site_dir), schema=self.schema, min_records_per_class=0,
+                         allow_external_links=self.config.data.allow_external_links)
+        self._check_site_can_serve(site, needed)
+        return site
 
     def _check_site_can_serve(self, site, needed: int) -> None:
         from common.data import SiteDataError

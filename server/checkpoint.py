@@ -270,3 +270,13 @@ def load_latest(
     raise CheckpointError(
         f"no intact checkpoint under {Path(run_dir) / 'checkpoints'}: " + "; ".join(reasons)
     )
+
+
+def check_fits(state: ServerState, *, shapes: dict[str, tuple[int, ...]], run_dir: str | Path) -> None:
+    """Raise :class:`CheckpointError` unless the checkpoint's parameters have these names and shapes."""
+    got = {k: tuple(v.shape) for k, v in state.params.items()}
+    if got != dict(shapes):
+        raise CheckpointError(
+            f"the checkpoint in {run_dir} does not fit this model config "
+            "(parameter names or shapes differ): resume with the run's own config.yaml"
+        )

@@ -16,12 +16,9 @@ Two ways in:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -36,54 +33,16 @@ from client import sites as site_dirs
 from client import wire
 from common import tree
 from common.algorithms import server_opt
-from common.config import Config, ConfigError, save, to_dict
+from common.config import Config, to_dict
 from common.task import NOT_PRIVATE_REPRODUCIBLE, REPRODUCIBLE_NOISE_METRIC
 from server import checkpoint
 from server.aggregation import make_aggregator
+# Also imported from here: failed_rounds, jsonable, privacy_summary.
+from server.run_files import RunFiles, failed_rounds, jsonable, make_run_dir, privacy_summary  # noqa: F401
 from server.state import STREAM_META_TEST, ServerState, derived_seed
 from server.strategy import MetaStrategy, is_due
 
 RESUME_KEY = site_dirs.RESUME_KEY
-
-def make_run_dir(config: Config) -> Path:
-    """``output_dir/NAME-YYYYmmdd-HHMMSS`` (a suffix when that exists already)."""
-    base = Path(config.output_dir).expanduser().resolve()
-    base.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for i in range(1000):
-        path = base / (f"{config.name}-{stamp}" + (f"-{i}" if i else ""))
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"cannot create a run directory under {base}")
-
-
-def jsonable(value: Any) -> Any:
-    """Tensors, numpy scalars and nested containers -> plain JSON values."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return jsonable(value.detach().cpu().tolist())
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def failed_rounds(history: list[dict[str, Any]], *, poisson: bool) -> list[int]:
-    """The rounds that had no valid site update.
-
-    Under Poisson sampling a round may sample no site by design; that is not a failure.
-    """
-    return [
-        line["round"] for line in history
-        if line.get("sites_replied", 0) == 0 and (line.get("sites_sampled", 0) > 0 or not poisson)
-    ]
 
 
 def scalar_metrics(report: Mapping[str, Any]) -> dict[str, float]:
@@ -129,34 +88,6 @@ def _epsilon(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.3g}"
 
 
-def privacy_summary(history: list[dict[str, Any]], config: Config) -> dict[str, Any] | None:
-    """What summary.json says about privacy: the worst epsilons over the run, and whether it is private.
-
-    ``record_epsilon_max`` is the largest any site reported (infinity when a
-    site has no guarantee); ``client_epsilon`` the server's after the last
-    round. ``private`` is False when an epsilon is infinite or the run used
-    reproducible DP noise (``not_private`` says why).
-    """
-    record = [line["train"]["epsilon_max"] for line in history if "epsilon_max" in line.get("train", {})]
-    client = [line["privacy"]["client_epsilon"] for line in history if "client_epsilon" in line.get("privacy", {})]
-    dp = config.privacy
-    if not (record or client or dp.record.enabled or dp.client.enabled):
-        return None
-    report: dict[str, Any] = {}
-    if record or dp.record.enabled:
-        report["record_epsilon_max"] = max(record) if record else None
-        report["record_delta"] = dp.record.delta
-    if client or dp.client.enabled:
-        report["client_epsilon"] = client[-1] if client else None
-        report["client_delta"] = dp.client.delta
-    reasons = sorted({line["not_private"] for line in history if line.get("not_private")})
-    if reasons:
-        report["not_private"] = "; ".join(reasons)
-    epsilons = [v for v in (report.get("record_epsilon_max"), report.get("client_epsilon")) if v is not None]
-    report["private"] = not reasons and bool(epsilons) and all(math.isfinite(v) for v in epsilons)
-    return report
-
-
 def _clock(seconds: float | None) -> str:
     seconds = int(round(seconds or 0))
     h, rem = divmod(seconds, 3600)
@@ -182,10 +113,10 @@ class MetaRun:
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else make_run_dir(config)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.files = RunFiles(self.run_dir, config=config)
         self.resume = resume
         self.on_round = on_round
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.files.metrics_path
         self.expected_nodes = expected_nodes
         self.session_start = time.time()
 
@@ -205,20 +136,9 @@ class MetaRun:
             self.run_dir,
             on_damaged=lambda path, reason: log(WARNING, "resume: skipping a damaged checkpoint: %s", reason),
         )
-        if state.params.keys() != theta0.keys() or any(
-            state.params[k].shape != theta0[k].shape for k in theta0
-        ):
-            raise ConfigError(
-                f"the checkpoint in {self.run_dir} does not fit this model config "
-                "(parameter names or shapes differ): resume with the run's own config.yaml"
-            )
+        checkpoint.check_fits(state, shapes={k: tuple(v.shape) for k, v in theta0.items()}, run_dir=self.run_dir)
         log(INFO, "resuming %s after round %d", self.run_dir, state.round)
         return state
-
-    def _rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(line) + "\n" for line in history))
-        os.replace(tmp, self.metrics_path)
 
     # ------------------------------------------------------------------ round
     def after_round(self, server_round: int, arrays: Any) -> MetricRecord | None:
@@ -274,8 +194,7 @@ class MetaRun:
             log(WARNING, "round %d: none of the %d sampled sites replied within federation.round_timeout=%.0fs; "
                 "raise it if the sites need longer", r, line["sites_sampled"], fed.round_timeout)
         self.state.history.append(line)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(line) + "\n")
+        self.files.append(line)
         if is_due(r, fed.checkpoint_every, fed.rounds):
             checkpoint.save(self.run_dir, self.state, config=to_dict(self.config))
         # ETA from the rounds after this session's first (which pays for start-up).
@@ -312,11 +231,11 @@ class MetaRun:
         # sites' workers slows it down by an order of magnitude on a small machine.
         torch.set_num_threads(max(1, int(config.runtime.torch_threads)))
         self._prepare_data()
-        save(config, self.run_dir / "config.yaml")
+        self.files.write_config()
         self.task = Task(config)
         self.state = self._initial_state(self.task)
         self.elapsed_before = self.state.elapsed
-        self._rewrite_metrics(self.state.history)
+        self.files.rewrite_metrics(self.state.history)
 
         test_dirs = site_dirs.test_site_dirs(config.data.root)
         self.test_sites = []
@@ -358,55 +277,18 @@ class MetaRun:
 
     def finish(self) -> dict[str, Any]:
         torch.save({k: v.detach().cpu() for k, v in self.state.params.items()}, self.run_dir / "final_params.pt")
-        final = None
-        for line in reversed(self.state.history):
-            if "meta_test" in line:
-                final = {"round": line["round"], **{k: line["meta_test"].get(k) for k in ("accuracy", "ci95")}}
-                break
-            if "federated_eval" in line and "accuracy" in line["federated_eval"]:
-                final = {"round": line["round"], "accuracy": line["federated_eval"]["accuracy"], "ci95": None,
-                         "federated": True}
-                break
-        plots: list[str] = []
-        try:
-            from simulations.plots import plot_run
-
-            plots = [str(p) for p in plot_run(self.state.history, self.run_dir)]
-        except Exception as err:  # noqa: BLE001 - a plot failure must not lose the run
-            log(INFO, "plots not written: %s", err)
-        failed = failed_rounds(self.state.history, poisson=self.config.federation.poisson)
-        share = self.config.federation.max_failed_round_share
-        status, reason = "completed", None
-        if self.state.history and len(failed) > share * len(self.state.history):
-            status = "failed"
-            shown = ", ".join(map(str, failed[:10])) + (" ..." if len(failed) > 10 else "")
-            reason = (
-                f"{len(failed)} of {len(self.state.history)} rounds had no valid site update (rounds {shown}), "
-                f"more than federation.max_failed_round_share={share:g}: see the failures in {self.metrics_path}"
-            )
-            log(WARNING, "%s", reason)
-        summary = {
-            "name": self.config.name,
-            "status": status,
-            **({"reason": reason} if reason else {}),
-            "rounds": self.state.round,
-            "algorithm": self.config.algorithm.name,
-            "final_meta_test": final,
-            **({"privacy": privacy} if (privacy := privacy_summary(self.state.history, self.config)) else {}),
-            "wall_time_s": self.state.elapsed,
-            "session_time_s": time.time() - self.session_start,
-            "paths": {
-                "run_dir": str(self.run_dir),
-                "config": str(self.run_dir / "config.yaml"),
-                "metrics": str(self.metrics_path),
+        plots = self.files.plots(self.state.history, on_error=lambda err: log(INFO, "plots not written: %s", err))
+        summary = self.files.summary(
+            self.state.history, rounds=self.state.round, wall_time_s=self.state.elapsed,
+            session_time_s=time.time() - self.session_start, plots=plots,
+            extra_paths={
                 "final_params": str(self.run_dir / "final_params.pt"),
                 "checkpoints": [str(p) for p in checkpoint.list_checkpoints(self.run_dir)],
-                "plots": plots,
             },
-        }
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(jsonable(summary), indent=2))
-        os.replace(tmp, self.run_dir / "summary.json")
+        )
+        self.files.close()
+        if summary["status"] == "failed":
+            log(WARNING, "%s", summary["reason"])
         return summary
 
 

@@ -8,10 +8,12 @@
     metafed reset-ledger  LEDGER_OR_SITE_DIR [--receipt FILE] --yes
     metafed import        SRC... --out DIR [options] | --array NAME=FILE... --labels FILE --out DIR
     metafed check-site    DIR... [--config FILE] [--set ...] [--write-schema FILE]
+    metafed report        RUN_DIR... [--out DIR]
 
 A bad config (unknown key, wrong type, missing file), bad data or a run
 directory without a checkpoint prints the reason on stderr and exits with code
-2; a run that fails exits with code 1.
+2, before anything is started or written (:mod:`simulations.preflight`); a run
+that fails exits with code 1.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="the ledger file, or a site directory (its privacy_ledger.json)")
     reset.add_argument("--receipt", help="the ledger's receipt when it is kept elsewhere (site_privacy.state_dir)")
     reset.add_argument("--yes", action="store_true", help="confirm: the site forgets the budget it has spent")
+
+    report = sub.add_parser("report", help="finished runs side by side: a markdown table and accuracy plots")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each with summary.json)")
+    report.add_argument("--out", default="report",
+                        help="folder for report.md and the plots (default: ./report)")
 
     data = sub.add_parser("make-data", help="write the procedural benchmark's site directories")
     data.add_argument("--config", help="YAML experiment file (its data section is used)")
@@ -185,6 +192,13 @@ def _main(argv: list[str] | None) -> int:
             return data_commands.run_import(args)
         if args.command == "check-site":
             return data_commands.run_check_site(args)
+        if args.command == "report":
+            from simulations.report import write_report
+
+            markdown, written = write_report(args.runs, out_dir=args.out)
+            print(markdown)
+            print("\n".join(f"wrote {p}" for p in written))
+            return EXIT_OK
         if args.command == "make-data":
             from simulations.runner import make_data
 

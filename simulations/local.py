@@ -6,11 +6,18 @@ sampled site, then the server optimizer on the weighted mean of
 behaviour, for quick experiments, and as a reference for the Flower runs.
 
     python -m simulations.local --config simulations/configs/default.yaml --set federation.rounds=20
+
+The command checks its input first (:mod:`simulations.preflight`: exit code 2
+on bad input, nothing written), then writes the same run directory as
+``metafed simulate`` (:mod:`server.run_files`: config.yaml, metrics.jsonl,
+summary.json, plots, TensorBoard events when asked); 0 when the run completed,
+1 when it failed. There is no checkpoint: a local run cannot be resumed.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +30,7 @@ from common.config import Config, load
 from common.data import ensure_benchmark
 from common.task import Task
 from common.tree import Tree
+from server.run_files import RunFiles, jsonable, make_run_dir
 
 
 @dataclass
@@ -38,14 +46,34 @@ def site_round_generator(seed: int, round_index: int, site_index: int) -> torch.
     return torch.Generator().manual_seed(int(mixed))
 
 
-def train(config: Config, *, task: Task | None = None, log=print, ablate: bool = True) -> LocalRun:
+def _load_sites(task: Task, paths, *, log) -> list:
+    """The sites; with ``data.on_invalid_site: warn`` one that fails validation is left out, with a line."""
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append(task.load_site(path))
+        except ValueError as err:
+            if task.config.data.on_invalid_site != "warn":
+                raise
+            log(f"site {path.name} left out: {err}")
+    return loaded
+
+
+def train(config: Config, *, task: Task | None = None, log=print, ablate: bool = True,
+          files: RunFiles | None = None) -> LocalRun:
+    """``federation.rounds`` rounds, then the meta-test on the held-out sites.
+
+    ``run.history`` holds one line per round in the format of ``metrics.jsonl``
+    (the last one with the meta-test); with ``files`` each line is also written
+    as its round ends.
+    """
     from client import privacy_policy  # plain Python: every site here holds the config's site_privacy
 
     privacy_policy.check(config, privacy_policy.validate(config.site_privacy))
     paths = ensure_benchmark(config.data)
     task = task or Task(config)
-    train_sites = [task.load_site(p) for p in paths.train_sites]
-    test_sites = [task.load_site(p) for p in paths.test_sites]
+    train_sites = _load_sites(task, paths.train_sites, log=log)
+    test_sites = _load_sites(task, paths.test_sites, log=log)
     fed = config.federation
     params = task.initial_parameters(seed=fed.seed)
     opt_state = server_opt.init_state(params, config=config.server_opt)
@@ -77,36 +105,93 @@ def train(config: Config, *, task: Task | None = None, log=print, ablate: bool =
         # A private site reports its epsilon instead of statistics of its records.
         losses = [res.metrics["train_loss"] for res in valid if "train_loss" in res.metrics]
         train_loss = float(np.mean(losses)) if losses else float("nan")
-        record = {"round": r + 1, "train_loss": train_loss, "dropped": len(results) - len(valid),
-                  "elapsed": time.perf_counter() - start}
+        metrics = {"train_loss": train_loss, "episodes": float(sum(res.num_episodes for res in valid))}
         epsilons = [res.metrics["epsilon"] for res in results if "epsilon" in res.metrics]
         if epsilons:
-            record["epsilon_max"] = max(epsilons)
+            metrics["epsilon_max"] = max(epsilons)
+        # The same line as the Flower server's (server.server_app), without what only a network has.
+        record = {"round": r + 1, "sites_sampled": len(chosen), "sites_replied": len(valid), "sites_failed": 0,
+                  "sites_invalid": len(results) - len(valid), "sites_missing": 0, "train": metrics}
+        if r + 1 == fed.rounds:
+            t0 = time.perf_counter()
+            report = task.meta_test(params, test_sites, num_episodes=fed.eval_episodes,
+                                    generator=torch.Generator().manual_seed(fed.seed + 1),
+                                    ablate_modalities=ablate, raw_baseline=True)
+            run.meta_test = jsonable(report)
+            record["meta_test"] = {**run.meta_test, "seconds": time.perf_counter() - t0}
+        record["elapsed"] = time.perf_counter() - start
+        record["round_seconds"] = record["elapsed"] - (run.history[-1]["elapsed"] if run.history else 0.0)
         run.history.append(record)
-        privacy = f" epsilon_max={record['epsilon_max']:.3f}" if epsilons else ""
+        if files is not None:
+            files.append(record)
+        privacy = f" epsilon_max={metrics['epsilon_max']:.3f}" if epsilons else ""
         log(f"round {r + 1}/{fed.rounds} train_loss={train_loss:.3f}{privacy} elapsed={record['elapsed']:.1f}s")
     run.params = params
-    run.meta_test = task.meta_test(params, test_sites, num_episodes=fed.eval_episodes,
-                                   generator=torch.Generator().manual_seed(fed.seed + 1),
-                                   ablate_modalities=ablate, raw_baseline=True)
+    if run.meta_test is None:  # no rounds
+        run.meta_test = jsonable(task.meta_test(params, test_sites, num_episodes=fed.eval_episodes,
+                                                generator=torch.Generator().manual_seed(fed.seed + 1),
+                                                ablate_modalities=ablate, raw_baseline=True))
     return run
 
 
-def main(argv: list[str] | None = None) -> None:
+def _lines(files: RunFiles) -> list[dict]:
+    """The rounds already in ``metrics.jsonl``."""
+    import json
+
+    return [json.loads(x) for x in files.metrics_path.read_text().splitlines() if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command: 0 when the run completed, 1 when it failed, 2 on bad input (nothing written)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None)
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--no-ablate", action="store_true", help="skip the per-modality scores at the end")
     args = parser.parse_args(argv)
-    config = load(args.config, overrides=args.overrides)
+    from simulations import preflight
+    from simulations.runner import absolute_paths
+
+    try:
+        config = absolute_paths(load(args.config, overrides=args.overrides))
+        preflight.check(config, ray=False)
+    except ValueError as err:
+        from simulations.cli import _is_input_error
+
+        if not _is_input_error(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     torch.set_num_threads(max(1, config.runtime.torch_threads))
-    run = train(config, ablate=not args.no_ablate)
+    files = RunFiles(make_run_dir(config), config=config)
+    print(f"run directory: {files.run_dir}", flush=True)
+    files.write_config()
+    files.rewrite_metrics([])
+    session_start = time.time()
+    try:
+        run = train(config, ablate=not args.no_ablate, files=files)
+    except Exception as err:  # noqa: BLE001 - reported, in summary.json too, and the exit code says so
+        reason = f"{type(err).__name__}: {err}"
+        print(f"error: the run failed: {reason}", file=sys.stderr, flush=True)
+        files.summary(_lines(files), rounds=len(_lines(files)), wall_time_s=time.time() - session_start,
+                      session_time_s=time.time() - session_start, plots=[], error=reason)
+        files.close()
+        return 1
+    plots = files.plots(run.history, on_error=lambda err: print(f"plots not written: {err}", file=sys.stderr))
+    torch.save({k: v.detach().cpu() for k, v in run.params.items()}, files.run_dir / "final_params.pt")
+    elapsed = run.history[-1]["elapsed"] if run.history else time.time() - session_start
+    files.summary(run.history, rounds=len(run.history), wall_time_s=elapsed,
+                  session_time_s=time.time() - session_start, plots=plots,
+                  extra_paths={"final_params": str(files.run_dir / "final_params.pt")})
+    files.close()
     report = run.meta_test
     print(f"held-out accuracy {report['accuracy']:.4f} +- {report['ci95']:.4f} "
           f"(worst decile {report['worst_decile']:.4f}); "
           + ", ".join(f"{k} {v:.4f}" for k, v in report.items() if k.startswith(("without_", "only_")))
           + f"; 1-NN on raw inputs, same episodes {report['raw_1nn']:.4f}")
+    from simulations.runner import report_summary
+
+    return report_summary(files.run_dir)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

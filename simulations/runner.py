@@ -92,36 +92,21 @@ def simulate(
     :func:`client.client_app.make_client_app`); one that wraps it can add
     behaviour around the real handlers.
     """
+    from simulations import preflight
+
     config = absolute_paths(config)
+    # Every input error is found here, before Ray, Flower or a run directory exists.
+    checked = preflight.check(config, resume_dir=resume_dir)
+    train, backend = checked.train_sites, checked.backend
     if resume_dir is not None:
         run_dir = Path(resume_dir).resolve()
-        if not checkpoint_dirs(run_dir):  # a clear error now rather than inside the run
-            raise ConfigError(
-                f"no checkpoint under {run_dir / 'checkpoints'}: nothing to resume "
-                "(checkpoints are written every federation.checkpoint_every rounds)"
-            )
-    from client import privacy_policy
-
-    # Every simulated site holds the site_privacy policy: a run it would refuse is bad input.
-    try:
-        privacy_policy.check(config, privacy_policy.validate(config.site_privacy))
-    except privacy_policy.PolicyViolation as err:
-        raise privacy_policy.PolicyViolation(
-            f"{err}. Every simulated site holds the config's site_privacy policy: change privacy.record, "
-            "or site_privacy"
-        ) from None
-    train = prepare_data(config)
-    backend = backend_config(config)
-    if resume_dir is not None:  # every checkpoint damaged: say so before Ray starts
-        from server import checkpoint
-
-        checkpoint.load_latest(run_dir, on_damaged=lambda path, reason: None)
 
     import ray  # the heavy imports, once the input is known to be good
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
-    from server.server_app import make_run_dir, make_server_app
+    from server.run_files import make_run_dir
+    from server.server_app import make_server_app
     from simulations import watchdog
     from simulations.ray_backend import resilient_backend
 

@@ -28,7 +28,7 @@ def test_a_site_whose_inner_loop_diverges_is_dropped_and_the_model_stays_finite(
     assert tree.is_finite(run.params)
     assert tree.max_abs_diff(run.params, initial) == 0  # every reply dropped: unchanged
     sites = config.federation.sites_per_round
-    assert [record["dropped"] for record in run.history] == [sites] * config.federation.rounds
+    assert [record["sites_invalid"] for record in run.history] == [sites] * config.federation.rounds
     dropped = [line for line in lines if "NaN or Inf weights, dropped" in line]
     assert len(dropped) == sites * config.federation.rounds
     assert all("lower algorithm.inner_lr" in line for line in dropped)
@@ -41,4 +41,4 @@ def test_finite_site_updates_are_all_kept(tmp_path):
     initial = task.initial_parameters(seed=config.federation.seed)
     run = train(config, task=task, log=lambda _: None, ablate=False)
     assert tree.max_abs_diff(run.params, initial) > 0
-    assert all(record["dropped"] == 0 for record in run.history)
+    assert all(record["sites_invalid"] == 0 for record in run.history)

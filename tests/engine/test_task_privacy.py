@@ -170,7 +170,7 @@ def test_fomaml_with_record_dp_trains_end_to_end(tmp_path):
     initial = task.initial_parameters(seed=config.federation.seed)
     run = train(config, task=task, log=lambda _: None, ablate=False)
     assert tree.max_abs_diff(run.params, initial) > 0
-    assert 0 < run.history[0]["epsilon_max"] < run.history[1]["epsilon_max"]
+    assert 0 < run.history[0]["train"]["epsilon_max"] < run.history[1]["train"]["epsilon_max"]
     files = sorted(ledgers.glob("*.json"))
     assert files
     one_round = compute_epsilon(steps=record_level_round_steps(

@@ -94,14 +94,14 @@ def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def run_s(tmp_path_factory, smoke_data):
-    return simulate(tmp_path_factory.mktemp("run_s"), smoke_data)
+    return simulate(tmp_path_factory.mktemp("run_s"), smoke_data, "--set", "runtime.tensorboard=true")
 
 
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory, broken_data):
     return simulate(
         tmp_path_factory.mktemp("run_a"), broken_data,
-        "--set", "data.generate=false", "--set", "federation.rounds=4", "--set", "federation.sites_per_round=3",
+        "--set", "data.generate=false", "--set", "data.on_invalid_site=warn", "--set", "federation.rounds=4", "--set", "federation.sites_per_round=3",
         "--set", "federation.checkpoint_every=2", "--set", "federation.eval_every=2",
         "--set", "server_opt.name=adam", "--set", "server_opt.lr=0.01",
     )
@@ -136,6 +136,36 @@ def test_simulate_smoke_end_to_end(run_s):
     state, _ = checkpoint.load_latest(run_dir)
     params = final_params(run_dir)
     assert all(torch.equal(params[k], state.params[k]) for k in params)
+
+
+def test_tensorboard_events_of_a_flower_run(run_s):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir = run_s
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    lines = metrics(run_dir)
+    held_out = [(e.step, e.value) for e in events.Scalars("accuracy/held_out")]
+    assert held_out == [(line["round"], pytest.approx(line["meta_test"]["accuracy"])) for line in lines]
+    assert [e.value for e in events.Scalars("bytes/sent")] == [line["bytes_sent"] for line in lines]
+    assert [e.step for e in events.Scalars("accuracy/raw_1nn")] == [2]  # measured after the last round
+
+
+def test_report_on_flower_runs(run_s, run_a, tmp_path):
+    out = tmp_path / "report"
+    proc = metafed("report", str(run_s[1]), str(run_a[1]), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 3
+    for (_, run_dir), row in zip((run_s, run_a), rows[1:]):
+        lines = metrics(run_dir)
+        total = sum(line["bytes_sent"] + line["bytes_received"] for line in lines)
+        assert row.startswith(f"| {run_dir.name} | reptile | completed | {len(lines)} |")
+        acc = lines[-1]["meta_test"]
+        assert f"| {acc['accuracy']:.3f} ± {acc['ci95']:.3f} |" in row and f"| {acc['raw_1nn']:.3f}" in row
+        assert f"{total / 1024:.1f} KiB" in row or f"{total / 1024 ** 2:.1f} MiB" in row
+    for name in ("accuracy_vs_rounds.png", "accuracy_vs_bytes.png", "accuracy_vs_seconds.png"):
+        assert (out / name).stat().st_size > 1000
 
 
 def test_invalid_site_gets_an_error_reply_and_the_run_goes_on(run_a):

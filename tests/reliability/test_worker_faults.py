@@ -269,13 +269,15 @@ def test_dead_and_hung_workers_cost_only_their_own_replies(user_sites, tmp_path)
     """Round 1: one site's worker calls os._exit, another's is SIGKILLed. Round 2: a third hangs.
 
     Every other site replies in round 2, the site with a bad manifest is left
-    out (data.generate is true on these user sites), and the command ends
+    out (data.generate is true on these user sites, and data.on_invalid_site=warn
+    lets the run start without it), and the command ends
     within seconds of its last round with no Ray process left.
     """
     faults = {"site-0003": ["exit", [1]], "site-0004": ["kill", [1]], "site-0005": ["hang", [2]]}
     out = tmp_path / "runs"
     cmd = [PYTHON, str(FAULTY), str(SMOKE), json.dumps(faults),
            "--set", f"data.root={user_sites}", "--set", "data.generate=true", "--set", f"output_dir={out}",
+           "--set", "data.on_invalid_site=warn",
            "--set", "federation.rounds=2", "--set", "federation.sites_per_round=7",
            "--set", "federation.round_timeout=45", "--set", "federation.eval_every=2",
            "--set", "federation.checkpoint_every=2"]
