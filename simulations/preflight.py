@@ -91,7 +91,16 @@ def check(
 
     from common.task import Task  # the engine: torch and the model code
 
-    task = Task(config)  # the schema, the device and the model, as every site and the server build them
+    try:
+        task = Task(config)  # the schema, the device and the model, as every site and the server build them
+    except ValueError as err:
+        if type(err) is not ValueError:  # ConfigError, SiteDataError: already in the input's words
+            raise
+        # The model refuses a modality spec it cannot encode (a wrong rank, an unknown kind).
+        raise ConfigError(
+            f"the model cannot be built for this data: {err}. Fix the modality's spec (data.schema_file, or "
+            "the sites' manifests the schema is inferred from), or leave the modality out with data.modalities"
+        ) from None
     test = sites.test_site_dirs(config.data.root)
     invalid = _invalid_sites(task, [*train, *test])
     if invalid:

@@ -51,9 +51,13 @@ def _rewrite(site_dir: Path, out: Path, *, change) -> None:
                provenance={"test": "preflight"})
 
 
-def _copy(smoke_data: Path, root: Path) -> Path:
-    shutil.copytree(smoke_data / "train", root / "train")
-    shutil.copytree(smoke_data / "test", root / "test")
+def _copy(smoke_data: Path, root: Path, *, sites: bool = True) -> Path:
+    """A copy of the benchmark root: its benchmark.yaml (the schema) and, unless ``sites=False``, its sites."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(smoke_data / "benchmark.yaml", root / "benchmark.yaml")
+    if sites:
+        shutil.copytree(smoke_data / "train", root / "train")
+        shutil.copytree(smoke_data / "test", root / "test")
     return root
 
 
@@ -76,11 +80,21 @@ def results(smoke_data, tmp_path_factory):
     shape = _copy(smoke_data, tmp / "shape")
     _rewrite(smoke_data / "train" / "site-0000", shape / "train" / "site-0003", change=_resize_image)
     # Every train site with a modality the schema does not have.
-    extra = tmp / "extra"
+    extra = _copy(smoke_data, tmp / "extra", sites=False)
     for part in ("train", "test"):
         for site in sorted((smoke_data / part).iterdir()):
             if site.is_dir():
                 _rewrite(site, extra / part / site.name, change=_add_depth if part == "train" else lambda s, a: None)
+    # No benchmark.yaml, so the schema is inferred from the manifests: one site's images disagree.
+    disagree = tmp / "disagree"
+    shutil.copytree(shape / "train", disagree / "train")
+    shutil.copytree(shape / "test", disagree / "test")
+    # A modality the model cannot take (a series needs [C, L]).
+    bad_spec = tmp / "bad_spec"
+    for part in ("train", "test"):
+        for site in sorted((smoke_data / part).iterdir()):
+            if site.is_dir():
+                _rewrite(site, bad_spec / part / site.name, change=_add_depth)
     # A held-out site whose labels were cut short.
     held_out = _copy(smoke_data, tmp / "held_out")
     labels = held_out / "test" / "site-0000" / "labels.npy"
@@ -97,6 +111,8 @@ def results(smoke_data, tmp_path_factory):
     cases = {
         "shape": simulate("shape", shape),
         "unknown_modality": simulate("unknown_modality", extra),
+        "disagree": simulate("disagree", disagree),
+        "bad_spec": simulate("bad_spec", bad_spec),
         "query_shots": simulate("query_shots", smoke_data, "episodes.query_shots=6"),
         "support_shots": simulate("support_shots", smoke_data, "episodes.shots=6"),
         "min_sites": simulate("min_sites", smoke_data, "federation.min_sites=4"),
@@ -141,6 +157,8 @@ def _resumable(run_dir: Path, smoke_data: Path) -> Path:
     [
         ("shape", "modality 'image' is"),
         ("unknown_modality", "unknown modality 'depth'"),
+        ("disagree", "site-0003"),
+        ("bad_spec", "needs shape [C, L]"),
         ("query_shots", "records an episode needs (shots + query_shots)"),
         ("support_shots", "records an episode needs (shots + query_shots)"),
         ("min_sites", "federation.min_sites=4 but there are 3 train sites"),
