@@ -230,6 +230,13 @@ def _site_epsilons(ledger_dir: Path) -> dict[str, float]:
     return out
 
 
+def _check_site_policy(config: Config) -> None:
+    """What ``metafed simulate`` checks before Ray starts: every simulated site's policy accepts the request."""
+    from client import privacy_policy
+
+    privacy_policy.check(config, privacy_policy.validate(config.site_privacy))
+
+
 def privacy_sweep(
     config: Config,
     *,
@@ -246,12 +253,10 @@ def privacy_sweep(
     base = dataclasses.replace(config, privacy=dataclasses.replace(
         config.privacy, record=dataclasses.replace(config.privacy.record, enabled=False),
         client=dataclasses.replace(config.privacy.client, enabled=False)))
-    rows: list[dict[str, Any]] = []
-    if any(math.isinf(e) for e in epsilons):
-        run_dir = run_one(base, name="non-private", output_dir=out / "runs")
-        final = final_meta_test(run_dir)
-        rows.append({"level": "none", "target_epsilon": math.inf, "epsilon": math.inf, "noise_multiplier": 0.0,
-                     "accuracy": final["accuracy"], "ci95": final["ci95"], "run_dir": str(run_dir)})
+    # Every private config is built, planned and checked (the config's rules, the
+    # simulated sites' policy) before the first run: a level that cannot run is
+    # bad input, found before anything expensive starts.
+    private: list[tuple[str, float, Config, Path]] = []
     for level in levels:
         for target in (e for e in epsilons if not math.isinf(e)):
             cfg = base
@@ -262,20 +267,29 @@ def privacy_sweep(
                     cfg.federation, poisson=True, fraction=fraction))
             ledger_dir = out / "ledgers" / f"{level}-eps{target:g}"
             cfg = private_config(cfg, level=level, target_epsilon=target, num_sites=num_sites, ledger_dir=ledger_dir)
-            run_dir = run_one(cfg, name=f"{level}-eps{target:g}", output_dir=out / "runs")
-            final = final_meta_test(run_dir)
-            row: dict[str, Any] = {"level": level, "target_epsilon": target, "accuracy": final["accuracy"],
-                                   "ci95": final["ci95"], "run_dir": str(run_dir)}
-            if level == "record":
-                sites = _site_epsilons(ledger_dir)
-                row.update(noise_multiplier=cfg.privacy.record.noise_multiplier,
-                           epsilon=max(sites.values(), default=0.0),
-                           median_site_epsilon=statistics.median(sites.values()) if sites else 0.0,
-                           site_epsilons=sites)
-            else:
-                eps = [r["privacy"]["client_epsilon"] for r in read_metrics(run_dir) if r.get("privacy")]
-                row.update(noise_multiplier=cfg.privacy.client.noise_multiplier, epsilon=eps[-1] if eps else math.nan)
-            rows.append(row)
+            _check_site_policy(cfg)
+            private.append((level, target, cfg, ledger_dir))
+    rows: list[dict[str, Any]] = []
+    if any(math.isinf(e) for e in epsilons):
+        run_dir = run_one(base, name="non-private", output_dir=out / "runs")
+        final = final_meta_test(run_dir)
+        rows.append({"level": "none", "target_epsilon": math.inf, "epsilon": math.inf, "noise_multiplier": 0.0,
+                     "accuracy": final["accuracy"], "ci95": final["ci95"], "run_dir": str(run_dir)})
+    for level, target, cfg, ledger_dir in private:
+        run_dir = run_one(cfg, name=f"{level}-eps{target:g}", output_dir=out / "runs")
+        final = final_meta_test(run_dir)
+        row: dict[str, Any] = {"level": level, "target_epsilon": target, "accuracy": final["accuracy"],
+                               "ci95": final["ci95"], "run_dir": str(run_dir)}
+        if level == "record":
+            sites = _site_epsilons(ledger_dir)
+            row.update(noise_multiplier=cfg.privacy.record.noise_multiplier,
+                       epsilon=max(sites.values(), default=0.0),
+                       median_site_epsilon=statistics.median(sites.values()) if sites else 0.0,
+                       site_epsilons=sites)
+        else:
+            eps = [r["privacy"]["client_epsilon"] for r in read_metrics(run_dir) if r.get("privacy")]
+            row.update(noise_multiplier=cfg.privacy.client.noise_multiplier, epsilon=eps[-1] if eps else math.nan)
+        rows.append(row)
     delta_r, delta_c = config.privacy.record.delta, config.privacy.client.delta
     lines = [
         f"Held-out accuracy against epsilon ({config.federation.rounds} rounds, seed {config.federation.seed}; "

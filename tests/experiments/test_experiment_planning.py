@@ -103,3 +103,25 @@ def test_private_config_refuses_second_order_maml_under_record_dp(tmp_path):
     config = private_config(load(COMPARE, overrides=["algorithm.name=metasgd", "privacy.record.sample_rate=0.05"]),
                             level="record", target_epsilon=8.0, num_sites=30, ledger_dir=tmp_path)
     assert config.privacy.record.enabled and config.algorithm.name == "metasgd"
+
+
+SMOKE = ROOT / "simulations" / "configs" / "smoke.yaml"
+
+
+@pytest.mark.parametrize("overrides, epsilons, named", [
+    # The non-private run would be fine; the record-level ones are not (prototype heads are refused under DP).
+    (["algorithm.head_init=prototypes"], "inf,8", "head_init=prototypes"),
+    # The first target fits the simulated sites' policy, the second does not.
+    (["site_privacy.require_record_dp=true", "site_privacy.max_epsilon=4"], "2,8", "allows at most 4"),
+])
+def test_privacy_sweep_refuses_a_level_that_cannot_run_before_any_run(tmp_path, capsys, overrides, epsilons, named):
+    from simulations import cli
+
+    out = tmp_path / "out"
+    args = ["privacy-sweep", "--config", str(SMOKE), "--epsilons", epsilons, "--levels", "record",
+            "--set", f"data.root={tmp_path / 'data'}", "--set", f"output_dir={out}"]
+    for item in overrides:
+        args += ["--set", item]
+    assert cli.main(args) == cli.EXIT_USAGE
+    assert named in capsys.readouterr().err
+    assert not list(out.rglob("metrics.jsonl"))  # nothing ran

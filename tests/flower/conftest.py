@@ -1,24 +1,18 @@
+import dataclasses
+import shutil
+from pathlib import Path
+
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages built outside a Flower runtime need a run/node/task identity."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-import dataclasses  # noqa: E402
-import shutil  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from common.config import load  # noqa: E402
+from common.config import load
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "simulations" / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _flower_messages(task_identity):
+    """Every test here may build Flower messages: each gets tests/conftest.py's task identity."""
 
 
 @pytest.fixture(scope="session")

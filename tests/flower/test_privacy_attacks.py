@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, RecordDict
+from flwr.common import serde
 
 from client import wire
 from client.client_app import make_client_app
@@ -139,7 +140,26 @@ def test_the_noise_scale_does_not_reveal_the_number_of_records(smoke_config, smo
     assert sizes[1] / sizes[0] == pytest.approx(1.0, abs=2e-4), sizes
 
 
-def test_an_infinite_epsilon_is_reported_as_infinity_everywhere(smoke_config, smoke_data, tmp_path):
+class WireGrid(InProcessGrid):
+    """As InProcessGrid, but every message, both ways, goes through Flower's protobuf serialization.
+
+    That is what the gRPC links carry under ``flwr run`` (ServerApp to
+    SuperLink, SuperLink to SuperNode): a value the wire format cannot hold,
+    or that Flower's records refuse, would not reach the server.
+    """
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            msg = serde.message_from_proto(serde.message_to_proto(msg))
+            self.sent.append(msg.metadata.message_type)
+            reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
+            replies.append(serde.message_from_proto(serde.message_to_proto(reply)))
+        return replies
+
+
+@pytest.mark.parametrize("grid", [InProcessGrid, WireGrid])
+def test_an_infinite_epsilon_is_reported_as_infinity_everywhere(smoke_config, smoke_data, tmp_path, grid):
     """Finding 6: sigma = 0 gives no guarantee; the reply, metrics.jsonl, progress line and summary say inf."""
     config = private_config(smoke_config, smoke_data, tmp_path / "ledgers", noise_multiplier=0.0)
     theta = Task(config).initial_parameters(seed=0)
@@ -147,7 +167,7 @@ def test_an_infinite_epsilon_is_reported_as_infinity_everywhere(smoke_config, sm
     assert metrics["epsilon"] == math.inf
 
     lines: list[str] = []
-    summary = MetaRun(config, tmp_path / "run", on_round=lines.append).execute(InProcessGrid(make_client_app(config), 3))
+    summary = MetaRun(config, tmp_path / "run", on_round=lines.append).execute(grid(make_client_app(config), 3))
     (line,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert line["sites_replied"] == 3
     assert line["train"]["epsilon_max"] == math.inf and line["train"]["epsilon_median"] == math.inf
@@ -155,6 +175,27 @@ def test_an_infinite_epsilon_is_reported_as_infinity_everywhere(smoke_config, sm
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     for report in (summary["privacy"], on_disk["privacy"]):
         assert report["record_epsilon_max"] == math.inf and report["private"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_an_infinite_epsilon_survives_a_real_flower_simulation(smoke_data, tmp_path):
+    """Finding 6 through ``metafed simulate``: Flower's simulation engine and Ray workers, one round, sigma = 0."""
+    from tests.flower.test_simulation import metrics as read_metrics
+    from tests.flower.test_simulation import simulate
+
+    proc, run_dir = simulate(
+        tmp_path / "runs", smoke_data, "--set", "federation.rounds=1", "--set", "federation.eval_episodes=2",
+        "--set", "privacy.record.enabled=true", "--set", "privacy.record.noise_multiplier=0",
+        "--set", "privacy.record.clip_norm=1", "--set", "privacy.record.sample_rate=0.5",
+        "--set", f"site_privacy.ledger_dir={tmp_path / 'ledgers'}",
+    )
+    (line,) = read_metrics(run_dir)
+    assert line["sites_replied"] == 3
+    assert line["train"]["epsilon_max"] == math.inf and line["train"]["epsilon_median"] == math.inf
+    assert "record epsilon max inf" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())["privacy"]
+    assert summary["record_epsilon_max"] == math.inf and summary["private"] is False
 
 
 def test_a_reproducible_run_says_it_is_not_private_in_every_output(smoke_config, smoke_data, tmp_path):

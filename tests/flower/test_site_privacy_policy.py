@@ -216,6 +216,28 @@ def test_a_simulated_site_takes_its_policy_from_the_config(smoke_data, theta):
     assert code == cli.EXIT_USAGE
 
 
+def test_a_site_that_refuses_the_request_is_left_out_and_the_run_goes_on(smoke_data, tmp_path):
+    """The server's side of a refusal: that site's error reply is a failure of that site, every round, and no more."""
+    from server.server_app import MetaRun
+    from tests.flower.test_server_app import InProcessGrid
+
+    config = load(SMOKE, overrides={"data.root": str(smoke_data), "data.generate": False, "federation.rounds": 2,
+                                    "federation.eval_episodes": 2})  # privacy.record.enabled: false
+    grid = InProcessGrid(make_client_app(config), 3)  # nodes 11, 12: partitions 0 and 1 (site-0000, site-0001)
+    strict = {"data-path": str(smoke_data / "train" / "site-0002"), "privacy-require-record-dp": True,
+              "privacy-ledger-dir": str(tmp_path / "ledgers")}
+    grid.contexts[13] = Context(run_id=7, node_id=13, node_config=strict, state=RecordDict(), run_config={})
+    summary = MetaRun(config, tmp_path / "run").execute(grid)
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2]
+    for line in lines:
+        assert (line["sites_replied"], line["sites_failed"]) == (2, 1)
+        (failure,) = line["failures"]
+        assert "privacy.record.enabled=false" in failure["reason"] and "only under record-level DP" in failure["reason"]
+    assert not (tmp_path / "ledgers").exists() or not any((tmp_path / "ledgers").iterdir())
+
+
 def test_a_ledger_that_went_backwards_stops_the_site_until_it_is_reset(smoke_data, theta, site, capsys):
     node_config, ledger, policy = site
     policy_file = Path(node_config["privacy-policy"])

@@ -195,17 +195,6 @@ def _strategy(**overrides):
     return MetaStrategy(config, state, expected_nodes=4)
 
 
-@pytest.fixture
-def task_identity():
-    """Messages built outside a Flower runtime need a run/node/task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def test_site_discovery_has_its_own_timeout_and_says_how_many_answered(task_identity, caplog):
     strategy, grid = _strategy(), SlowGrid(4, answering=2)
     with caplog.at_level("WARNING"):
