@@ -93,9 +93,9 @@ def _experiment(args: argparse.Namespace, config) -> int:
     try:
         if args.command == "compare":
             algorithms = tuple(a.strip() for a in args.algorithms.split(",") if a.strip())
-            unknown = sorted(set(algorithms) - set(experiments.ALGORITHMS))
+            unknown = sorted(set(algorithms) - set(experiments.SELECTABLE))
             if unknown:
-                raise ConfigError(f"--algorithms: unknown {unknown}; choose from {', '.join(experiments.ALGORITHMS)}")
+                raise ConfigError(f"--algorithms: unknown {unknown}; choose from {', '.join(experiments.SELECTABLE)}")
             experiments.compare(config, algorithms=algorithms)
         elif args.command == "privacy-sweep":
             levels = tuple(x.strip() for x in args.levels.split(",") if x.strip())

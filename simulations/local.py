@@ -79,16 +79,21 @@ def train(config: Config, *, task: Task | None = None, log=print, ablate: bool =
         train_loss = float(np.mean(losses)) if losses else float("nan")
         record = {"round": r + 1, "train_loss": train_loss, "dropped": len(results) - len(valid),
                   "elapsed": time.perf_counter() - start}
+        query = [res.metrics["query_loss"] for res in valid if "query_loss" in res.metrics]
+        if query:  # the meta-objective: the query's loss after adaptation
+            record["query_loss"] = float(np.mean(query))
         epsilons = [res.metrics["epsilon"] for res in results if "epsilon" in res.metrics]
         if epsilons:
             record["epsilon_max"] = max(epsilons)
         run.history.append(record)
         privacy = f" epsilon_max={record['epsilon_max']:.3f}" if epsilons else ""
-        log(f"round {r + 1}/{fed.rounds} train_loss={train_loss:.3f}{privacy} elapsed={record['elapsed']:.1f}s")
+        adapted = f" query_loss_after_adaptation={record['query_loss']:.3f}" if "query_loss" in record else ""
+        log(f"round {r + 1}/{fed.rounds} train_loss={train_loss:.3f}{adapted}{privacy} "
+            f"elapsed={record['elapsed']:.1f}s")
     run.params = params
-    run.meta_test = task.meta_test(params, test_sites, num_episodes=fed.eval_episodes,
-                                   generator=torch.Generator().manual_seed(fed.seed + 1),
-                                   ablate_modalities=ablate, raw_baseline=True)
+    run.meta_test = task.meta_test(params, test_sites, num_episodes=fed.eval_episodes, seed=fed.eval_seed,
+                                   ablate_modalities=ablate, raw_baseline=True,
+                                   initial_params=task.initial_parameters(seed=fed.seed))
     return run
 
 
@@ -101,11 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     config = load(args.config, overrides=args.overrides)
     torch.set_num_threads(max(1, config.runtime.torch_threads))
     run = train(config, ablate=not args.no_ablate)
+    from simulations.run_summary import final_report, summary_lines
+
     report = run.meta_test
-    print(f"held-out accuracy {report['accuracy']:.4f} +- {report['ci95']:.4f} "
-          f"(worst decile {report['worst_decile']:.4f}); "
-          + ", ".join(f"{k} {v:.4f}" for k, v in report.items() if k.startswith(("without_", "only_")))
-          + f"; 1-NN on raw inputs, same episodes {report['raw_1nn']:.4f}")
+    removed = ", ".join(f"{k} {v:.4f}" for k, v in report.items() if k.startswith("without_"))
+    for line in summary_lines(final_report(report, round_index=config.federation.rounds)):
+        print(line)
+    print(f"worst decile of sites {report['worst_decile']:.4f}" + (f"; {removed}" if removed else ""))
 
 
 if __name__ == "__main__":
