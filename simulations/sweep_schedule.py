@@ -151,11 +151,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_data_points:
         points = {n: o for n, o in points.items() if not any(x.startswith("data.") for x in o)}
     results_path = out / "sweep.json"
-    rows = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    rows: dict[str, dict] = {}
     for name, overrides in points.items():
         row = run_point(args.config, args.overrides, resolve(overrides, base), out=out, ablate=args.ablate)
+        # Re-read before writing: several sweeps may share an --out (points split across processes).
+        rows = json.loads(results_path.read_text()) if results_path.is_file() else {}
         rows[name] = row
-        results_path.write_text(json.dumps(rows, indent=2))
+        tmp = results_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(rows, indent=2))
+        os.replace(tmp, results_path)
         print(f"{name}: accuracy {row['accuracy']:.3f} ± {row['ci95']:.3f}, raw 1-NN {row['raw_1nn']:.3f}, "
               f"random init {row['random_init']:.3f}, {row['seconds']:.0f}s (load {row['load_average']:.1f})",
               flush=True)
