@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="each algorithm under the same seed, sites and rounds")
     cmp_.add_argument("--config", help="YAML experiment file")
     cmp_.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    cmp_.add_argument("--algorithms", default="fedavg,reptile,fomaml,maml,metasgd")
+    cmp_.add_argument("--algorithms", default="fedavg,reptile,fomaml,maml,metasgd",
+                      help="comma-separated; 'none' (the random initialization) may be named too, and the "
+                           "table has its row either way")
 
     sweep = sub.add_parser("privacy-sweep", help="held-out accuracy against epsilon (record and client level)")
     sweep.add_argument("--config", help="YAML experiment file")
