@@ -92,7 +92,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: str = "reptile"  # fedavg | reptile | fomaml | maml | metasgd | protonet
+    name: str = "reptile"  # none | fedavg | reptile | fomaml | maml | metasgd | protonet
     inner_steps: int = 5
     inner_lr: float = 0.1
     # sgd | adam (beta1 = 0, as Reptile's inner loop); used at meta-test too.
@@ -153,6 +153,10 @@ class FederationConfig:
     # update ends as failed (exit code 1).
     max_failed_round_share: float = 0.5
     seed: int = 0
+    # Seeds the held-out episodes of every meta-test, alone: not the round, not
+    # federation.seed. Any two runs (of any length, Flower or simulations.local)
+    # on the same held-out sites are scored on the same episodes.
+    eval_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -282,7 +286,7 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.fusion": ("early", "late", "attention"),
     "model.downsample": ("stride", "pool"),
-    "algorithm.name": ("fedavg", "reptile", "fomaml", "maml", "metasgd", "protonet"),
+    "algorithm.name": ("none", "fedavg", "reptile", "fomaml", "maml", "metasgd", "protonet"),
     "algorithm.inner_optimizer": ("sgd", "adam"),
     "algorithm.head_init": ("shared", "prototypes"),
     "algorithm.proto_distance": ("euclidean", "cosine"),
@@ -368,6 +372,7 @@ _RANGES: dict[str, Interval] = {
     "federation.checkpoint_every": _AT_LEAST_0,  # 0: after the last round only
     "federation.round_timeout": _POSITIVE,
     "federation.discovery_timeout": _POSITIVE,
+    "federation.eval_seed": _AT_LEAST_0,
     "federation.max_failed_round_share": _SHARE,
     "federation.seed": _AT_LEAST_0,
     "privacy.record.noise_multiplier": _AT_LEAST_0,

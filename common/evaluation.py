@@ -183,7 +183,7 @@ def summarize(
 
     ``per_site_ablations`` maps a name (``without_audio``, ``only_image``,
     ``raw_1nn``) to per-site scores of the same episodes; the report gets
-    their mean under that name.
+    their mean under that name, and ``ablation_ci95`` their 95% intervals.
     """
     all_scores = torch.cat(list(per_site_scores.values())) if per_site_scores else torch.zeros(0)
     mean, ci = mean_ci95(all_scores)
@@ -196,6 +196,9 @@ def summarize(
         "worst_decile": worst_decile(per_site),
         "per_site": per_site,
     }
+    intervals = {}
     for name, scores in (per_site_ablations or {}).items():
-        report[name] = mean_ci95(torch.cat(list(scores.values())))[0]
+        report[name], intervals[name] = mean_ci95(torch.cat(list(scores.values())))
+    if intervals:
+        report["ablation_ci95"] = intervals
     return report

@@ -511,38 +511,73 @@ class Task:
         sites: Sequence[Any],
         *,
         num_episodes: int,
-        generator: torch.Generator,
+        seed: int,
         ablate_modalities: bool = False,
         raw_baseline: bool = False,
+        initial_params: Mapping[str, torch.Tensor] | None = None,
     ) -> dict:
         """The FedMeta protocol over held-out sites (see :mod:`common.evaluation`).
+
+        A site's episodes are drawn from ``(seed, site id)`` alone
+        (:func:`meta_test_generator`): every meta-test of a run, and of any other
+        run with the same ``seed`` on the same site, scores the same episodes,
+        whatever the round, the number of rounds or the runner.
 
         With ``ablate_modalities`` the same episodes are also scored with each
         modality removed (``without_<m>``) and with one modality alone
         (``only_<m>``): what each modality carries, and whether fusing beats the
         best single one. That costs ``2M + 1`` evaluations, so runs do it at the end.
         With ``raw_baseline`` the report also has ``raw_1nn``: 1-NN on the raw
-        inputs of the same episodes (:func:`common.evaluation.raw_nearest_neighbour`).
+        inputs of the same episodes (:func:`common.evaluation.raw_nearest_neighbour`),
+        fused and on each modality alone (``raw_1nn_<m>``). With
+        ``initial_params`` (the run's theta_0) it has ``random_init``: that
+        initialization adapted and scored exactly like ``params``.
+        ``ablation_ci95`` maps each of these names to its 95% interval.
         """
         if not sites:
             raise ValueError("meta-test needs at least one held-out site")
         theta = tree.to(dict(params), device=self.device, dtype=self.dtype)
+        theta0 = None if initial_params is None else tree.to(dict(initial_params), device=self.device,
+                                                             dtype=self.dtype)
         per_site_episodes = max(1, math.ceil(num_episodes / len(sites)))
         per_site: dict[str, torch.Tensor] = {}
         variants: dict[str, Any] = {}
+        modalities = tuple(self.schema)
         if ablate_modalities and len(self.schema) > 1:
             for m in self.schema:
                 variants[f"without_{m}"] = functools.partial(without_modality, modality=m)
-                variants[f"only_{m}"] = functools.partial(only_modality, modality=m, modalities=tuple(self.schema))
+                variants[f"only_{m}"] = functools.partial(only_modality, modality=m, modalities=modalities)
         ablations: dict[str, dict[str, torch.Tensor]] = {name: {} for name in variants}
+        raw_variants: dict[str, Any] = {}
         if raw_baseline:
-            ablations["raw_1nn"] = {}
+            raw_variants["raw_1nn"] = lambda episodes: episodes
+            if len(self.schema) > 1:
+                for m in self.schema:
+                    raw_variants[f"raw_1nn_{m}"] = functools.partial(only_modality, modality=m,
+                                                                     modalities=modalities)
+        ablations.update({name: {} for name in raw_variants})
+        if theta0 is not None:
+            ablations["random_init"] = {}
         for site in sites:
+            site_id = str(site.site_id)
             episodes = self.sample_episodes(site, num_episodes=per_site_episodes, shots=self.config.episodes.shots,
-                                            generator=generator)
-            per_site[str(site.site_id)] = self._scores(theta, episodes).accuracy.cpu()
+                                            generator=meta_test_generator(seed, site_id))
+            per_site[site_id] = self._scores(theta, episodes).accuracy.cpu()
             for name, transform in variants.items():
-                ablations[name][str(site.site_id)] = self._scores(theta, transform(episodes)).accuracy.cpu()
-            if raw_baseline:
-                ablations["raw_1nn"][str(site.site_id)] = raw_nearest_neighbour(episodes, schema=self.schema).cpu()
+                ablations[name][site_id] = self._scores(theta, transform(episodes)).accuracy.cpu()
+            for name, transform in raw_variants.items():
+                ablations[name][site_id] = raw_nearest_neighbour(transform(episodes), schema=self.schema).cpu()
+            if theta0 is not None:
+                ablations["random_init"][site_id] = self._scores(theta0, episodes).accuracy.cpu()
         return summarize(per_site, ablations)
+
+
+def meta_test_generator(seed: int, site_id: str) -> torch.Generator:
+    """The generator of a held-out site's meta-test episodes: from ``(seed, site id)`` only."""
+    import zlib
+
+    import numpy as np
+
+    words = np.random.SeedSequence([int(seed), zlib.crc32(site_id.encode("utf-8"))]).generate_state(
+        2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int((int(words[0]) << 31) ^ int(words[1])) & ((1 << 63) - 1))

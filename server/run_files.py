@@ -107,8 +107,10 @@ def privacy_summary(history: list[dict[str, Any]], config: Config) -> dict[str, 
 def final_evaluation(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The last evaluation of a run: held-out meta-test, else federated evaluation at the sites."""
     for line in reversed(history):
-        if "meta_test" in line:
-            return {"round": line["round"], **{k: line["meta_test"].get(k) for k in ("accuracy", "ci95")}}
+        if "meta_test" in line:  # with its baselines, single modalities and warnings
+            from simulations.run_summary import final_report
+
+            return final_report(line["meta_test"], round_index=line["round"])
         if "federated_eval" in line and "accuracy" in line["federated_eval"]:
             return {"round": line["round"], "accuracy": line["federated_eval"]["accuracy"], "ci95": None,
                     "federated": True}
@@ -167,7 +169,7 @@ class RunFiles:
         try:
             from simulations.plots import plot_run
 
-            return [str(p) for p in plot_run(history, self.run_dir)]
+            return [str(p) for p in plot_run(history, self.run_dir, chance=1.0 / self.config.episodes.ways)]
         except Exception as err:  # noqa: BLE001 - a plot failure must not lose the run
             if on_error is not None:
                 on_error(err)

@@ -39,7 +39,7 @@ from server import checkpoint
 from server.aggregation import make_aggregator
 # Also imported from here: failed_rounds, jsonable, privacy_summary.
 from server.run_files import RunFiles, failed_rounds, jsonable, make_run_dir, privacy_summary  # noqa: F401
-from server.state import STREAM_META_TEST, ServerState, derived_seed
+from server.state import ServerState
 from server.strategy import MetaStrategy, is_due
 
 RESUME_KEY = site_dirs.RESUME_KEY
@@ -52,22 +52,37 @@ def scalar_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-# The train loss shown in the progress line: the first of these a round reports.
+# The loss shown in the progress line: the first of these a round reports, and
+# its label. query_loss is the meta-objective: the query's loss after adaptation.
 LOSS_KEYS = ("query_loss", "train_loss", "support_loss", "loss")
+_LOSS_LABELS = {"query_loss": "query loss after adaptation"}
+
+
+def estimate_eta(round_seconds: list[float], rounds_left: int) -> float | None:
+    """Seconds left, from this session's steady rounds: the first (which pays for
+    start-up: Ray, the workers, the first site loads) is left out. ``None``
+    until a steady round has been seen."""
+    steady = round_seconds[1:]
+    if rounds_left <= 0:
+        return 0.0
+    if not steady:
+        return None
+    return sum(steady) / len(steady) * rounds_left
 
 
 def format_progress(line: dict[str, Any], total: int, *, eta: float | None) -> str:
     """One status line: round, sites, train loss, last meta-test accuracy, epsilon, time."""
     r = line["round"]
     train = line.get("train", {})
-    loss = next((train[k] for k in LOSS_KEYS if isinstance(train.get(k), float)), None)
+    key = next((k for k in LOSS_KEYS if isinstance(train.get(k), float)), None)
+    loss = train[key] if key else None
     acc = line.get("last_meta_test_accuracy")
     parts = [
         f"round {r}/{total}",
         f"sites {line['sites_replied']}/{line['sites_sampled']}"
         + (f" ({line['sites_failed']} failed)" if line["sites_failed"] else "")
         + (f" ({line['sites_invalid']} invalid)" if line["sites_invalid"] else ""),
-        f"train loss {loss:.4f}" if isinstance(loss, float) else "train loss -",
+        f"{_LOSS_LABELS.get(key, 'train loss')} {loss:.4f}" if isinstance(loss, float) else "train loss -",
         f"meta-test acc {acc:.3f}" if isinstance(acc, float) else "meta-test acc -",
     ]
     if isinstance(train.get("epsilon_max"), float):
@@ -157,13 +172,15 @@ class MetaRun:
         result: MetricRecord | None = None
         if self.test_sites and is_due(r, fed.eval_every, fed.rounds):
             t0 = time.time()
-            gen = torch.Generator().manual_seed(derived_seed(fed.seed, r, STREAM_META_TEST))
-            # The per-modality ablations cost one more scoring pass per modality:
-            # only for the final report.
+            # The same episodes at every meta-test of every run (federation.eval_seed
+            # alone). The per-modality ablations and the baselines cost more
+            # scoring passes: only for the final report.
+            last = r == fed.rounds
             report = jsonable(
                 self.task.meta_test(
-                    self.state.params, self.test_sites, num_episodes=fed.eval_episodes, generator=gen,
-                    ablate_modalities=r == fed.rounds, raw_baseline=r == fed.rounds,
+                    self.state.params, self.test_sites, num_episodes=fed.eval_episodes, seed=fed.eval_seed,
+                    ablate_modalities=last, raw_baseline=last,
+                    initial_params=self.task.initial_parameters(seed=fed.seed) if last else None,
                 )
             )
             report["seconds"] = time.time() - t0
@@ -197,14 +214,9 @@ class MetaRun:
         self.files.append(line)
         if is_due(r, fed.checkpoint_every, fed.rounds):
             checkpoint.save(self.run_dir, self.state, config=to_dict(self.config))
-        # ETA from the rounds after this session's first (which pays for start-up).
-        done = r - self.first_round + 1
-        left = fed.rounds - r
-        if done == 1:
-            self.first_round_end = time.time()
-            eta = (time.time() - self.session_start) * left
-        else:
-            eta = (time.time() - self.first_round_end) / (done - 1) * left
+        # ETA from this session's steady rounds (the first pays for start-up).
+        self.session_round_seconds.append(time.time() - self.round_start)
+        eta = estimate_eta(self.session_round_seconds, fed.rounds - r)
         if self.on_round is not None:
             self.on_round(format_progress(line, fed.rounds, eta=eta))
         else:
@@ -258,7 +270,7 @@ class MetaRun:
             federated_eval=federated_eval, run_id=self.run_dir.name,
             aggregator=make_aggregator(config, secret_key=self.state.secret_key),
         )
-        self.first_round = self.state.round + 1
+        self.session_round_seconds: list[float] = []
         self.round_start = self.session_start = time.time()
         remaining = fed.rounds - self.state.round
         if remaining > 0:

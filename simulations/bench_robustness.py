@@ -89,8 +89,7 @@ def run_row(config: Config, task: Task, train_sites, test_sites, attack: str) ->
         if delta is not None:
             params, opt_state = server_opt.apply(params, delta, opt_state, config=config.server_opt,
                                                  round_index=r, total_rounds=fed.rounds)
-    report = task.meta_test(params, test_sites, num_episodes=fed.eval_episodes,
-                            generator=torch.Generator().manual_seed(fed.seed + 1))
+    report = task.meta_test(params, test_sites, num_episodes=fed.eval_episodes, seed=fed.eval_seed)
     return {"accuracy": float(report["accuracy"]), "ci95": float(report["ci95"]), "rejected": rejected,
             "clipped": clipped, "seconds": time.perf_counter() - t0}
 

@@ -22,6 +22,9 @@ from typing import Any
 from common.config import Config, ConfigError, validate
 
 ALGORITHMS = ("fedavg", "reptile", "fomaml", "maml", "metasgd", "protonet")
+# ``none`` (no training, the random initialization) may be run by name too;
+# every comparison table has its row anyway, from the runs' own final reports.
+SELECTABLE = ("none", *ALGORITHMS)
 
 
 class RunFailed(RuntimeError):
@@ -80,6 +83,8 @@ def compare(config: Config, *, algorithms: tuple[str, ...] = ALGORITHMS) -> Path
             "ci95": final["ci95"],
             "worst_decile": final["worst_decile"],
             "raw_1nn": final.get("raw_1nn", math.nan),
+            "random_init": final.get("random_init", math.nan),
+            "random_init_ci95": (final.get("ablation_ci95") or {}).get("random_init", math.nan),
             "bytes": sum(r.get("bytes_sent", 0) + r.get("bytes_received", 0) for r in history),
             "seconds": history[-1].get("elapsed", math.nan),
             "run_dir": str(run_dir),
@@ -98,7 +103,11 @@ def compare(config: Config, *, algorithms: tuple[str, ...] = ALGORITHMS) -> Path
     for row in rows:
         lines.append(f"| {row['algorithm']} | {_fmt(row['accuracy'])} | ± {_fmt(row['ci95'])} | "
                      f"{_fmt(row['worst_decile'])} | {row['bytes'] / 1e6:.1f} | {row['seconds']:.0f} |")
-    # Every algorithm is scored on the same episodes (same seed), so one figure.
+    # Every run starts from the same theta_0 (federation.seed) and is scored on
+    # the same episodes (federation.eval_seed): one random-init row, one 1-NN figure.
+    if "none" not in algorithms and rows:
+        lines.append(f"| none (random initialization, adapted the same way) | {_fmt(rows[0]['random_init'])} | "
+                     f"± {_fmt(rows[0]['random_init_ci95'])} | | 0.0 | 0 |")
     lines += ["", f"1-NN on the raw inputs of the same test episodes (no learning): {_fmt(rows[0]['raw_1nn'])}."]
     from simulations.experiment_plots import plot_comparison
 

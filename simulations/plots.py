@@ -13,6 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
+# The final meta-test's baselines drawn as lines: key, label, line style.
+BASELINE_LINES = (("raw_1nn", "raw 1-NN", "--"), ("random_init", "random initialization", "-."))
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The lines of a ``metrics.jsonl``."""
     lines = []
@@ -22,8 +26,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return lines
 
 
-def plot_run(history: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """Write ``train_loss.png`` and ``meta_test_accuracy.png``; return their paths."""
+def plot_run(history: list[dict[str, Any]], out_dir: str | Path, *, chance: float | None = None) -> list[Path]:
+    """Write ``train_loss.png`` and ``meta_test_accuracy.png``; return their paths.
+
+    The accuracy plot draws ``chance`` (1 / ways) and the last meta-test's
+    baselines on the same episodes (raw 1-NN, the random initialization) as
+    horizontal lines.
+    """
     out_dir = Path(out_dir)
     written = []
 
@@ -60,6 +69,13 @@ def plot_run(history: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     ]
     if fed:
         ax.plot(*zip(*fed), marker="s", label="federated evaluation")
+    for name, label, style in BASELINE_LINES:
+        value = next((line["meta_test"][name] for line in reversed(history)
+                      if isinstance(line.get("meta_test", {}).get(name), (int, float))), None)
+        if value is not None:
+            ax.axhline(value, linestyle=style, color="gray", label=f"{label}, same episodes ({value:.3f})")
+    if chance is not None:
+        ax.axhline(chance, linestyle=":", color="black", label=f"chance ({chance:.2f})")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy")

@@ -195,11 +195,10 @@ def report_summary(run_dir: Path) -> int:
     if summary.get("status") != "completed":
         print(f"error: the run failed: {summary.get('reason', summary.get('status'))}", file=sys.stderr, flush=True)
         return 1
-    final = summary.get("final_meta_test") or {}
-    if final.get("accuracy") is not None:
-        ci = final.get("ci95")
-        ci_text = f" ± {ci:.3f}" if isinstance(ci, (int, float)) else ""
-        print(f"held-out accuracy after round {final['round']}: {final['accuracy']:.3f}{ci_text} (95% CI)")
+    from simulations.run_summary import summary_lines
+
+    for line in summary_lines(summary.get("final_meta_test") or {}):
+        print(line, flush=True)
     privacy = summary.get("privacy") or {}
     if privacy.get("not_private"):
         print(f"warning: this run is {privacy['not_private']}", flush=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from common.algorithms import fedavg, maml, metasgd, protonet, reptile
+from common.algorithms import fedavg, maml, metasgd, protonet, reptile, untrained
 from common.algorithms.base import Algorithm
 
 ALGORITHMS: dict[str, Algorithm] = {
+    # No training: the random initialization, the baseline of every report.
+    "none": untrained.ALGORITHM,
     "fedavg": fedavg.ALGORITHM,
     "reptile": reptile.ALGORITHM,
     # FOMAML is MAML that never differentiates through the inner gradients.

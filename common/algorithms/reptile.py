@@ -36,13 +36,19 @@ def client_update(
     def one_episode(support, query):
         oracle = gradient or alternating_gradient(model, (support, query))
         adapted = adapt(model, params, support, loop=hparams.loop, gradient=oracle)
-        return adapted, batch_loss(model, params, support), batch_loss(model, adapted, support)
+        return (adapted, batch_loss(model, params, support), batch_loss(model, adapted, support),
+                batch_loss(model, adapted, query))
 
     with torch.no_grad():
-        adapted, loss_before, loss_after = vmap(one_episode)(episodes["support"], episodes["query"])
+        adapted, loss_before, loss_after, query_after = vmap(one_episode)(episodes["support"], episodes["query"])
+    # query_loss: the query's loss after adaptation, the quantity the progress
+    # line follows (train_loss is the shared head's before it, which prototype
+    # heads never use). Reptile's inner steps alternate over both halves, so
+    # the query has been stepped on: it measures how far the adaptation gets.
     return ClientResult(
         params=mean_over_leading(adapted),
-        metrics={"train_loss": loss_before.mean(), "adapted_loss": loss_after.mean()},
+        metrics={"train_loss": loss_before.mean(), "adapted_loss": loss_after.mean(),
+                 "query_loss": query_after.mean()},
     )
 
 

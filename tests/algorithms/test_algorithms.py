@@ -139,3 +139,16 @@ def test_reptile_moves_toward_adapted_weights():
 def test_unknown_algorithm_lists_valid_names():
     with pytest.raises(ValueError, match="reptile"):
         get_algorithm("nope")
+
+
+def test_none_replies_with_the_weights_it_was_sent():
+    model, algorithm, params, hparams, data = _setup("none", torch.float64)
+    result = algorithm.client_update(model=model, params=params, episodes=data, hparams=hparams)
+    assert tree.max_abs_diff(result.params, params) == 0
+    assert all(result.params[k] is not params[k] for k in params)  # copies: the caller's may be reused
+
+
+def test_reptile_reports_the_query_loss_after_adaptation():
+    model, algorithm, params, hparams, data = _setup("reptile", torch.float64)
+    metrics = algorithm.client_update(model=model, params=params, episodes=data, hparams=hparams).metrics
+    assert "query_loss" in metrics and float(metrics["query_loss"]) < float(metrics["train_loss"])
