@@ -49,8 +49,11 @@ def test_the_local_runner_writes_a_run_directory(runs):
     assert 0.0 <= lines[-1]["meta_test"]["accuracy"] <= 1.0 and "raw_1nn" in lines[-1]["meta_test"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 2 and summary["algorithm"] == "reptile"
-    assert summary["final_meta_test"] == {"round": 2, "accuracy": lines[-1]["meta_test"]["accuracy"],
-                                          "ci95": lines[-1]["meta_test"]["ci95"]}
+    final = summary["final_meta_test"]
+    assert {k: final[k] for k in ("round", "accuracy", "ci95")} == {
+        "round": 2, "accuracy": lines[-1]["meta_test"]["accuracy"], "ci95": lines[-1]["meta_test"]["ci95"]}
+    assert final["baselines"]["raw_1nn"]["accuracy"] == lines[-1]["meta_test"]["raw_1nn"]
+    assert final["baselines"]["random_init"]["accuracy"] == lines[-1]["meta_test"]["random_init"]
     from common.config import load
 
     assert load(run_dir / "config.yaml").name == "reptile"
