@@ -89,7 +89,7 @@ def test_query_names_the_site(setup):
     app = make_client_app(config)
     q = Message(RecordDict({wire.CONFIG: ConfigRecord({})}), dst_node_id=1, message_type=MessageType.QUERY)
     out = app(q, context({"partition-id": 2, "num-partitions": 3}))
-    assert out.content[wire.SITE][wire.SITE_ID] == "site-0002"
+    assert out.content[wire.SITE][wire.SITE_ID] == "train-0002"  # the manifest's site id, not the folder's name
 
 
 def test_deployment_site_from_data_path(setup, smoke_data):
@@ -127,3 +127,15 @@ def test_config_from_flower_run_config(setup, smoke_data):
     run_config = {"config-file": str(SMOKE), "data.root": str(smoke_data), "resume": ""}
     out = app(train_message(config, theta), context({"partition-id": 0, "num-partitions": 3}, run_config))
     assert not out.has_error(), out.error.reason if out.has_error() else ""
+
+
+def test_a_node_config_site_id_that_contradicts_the_manifest_is_refused(setup, smoke_data):
+    """One site, one identifier: a node config ``site-id`` other than the manifest's is an error reply."""
+    from client import sites
+
+    config, _ = setup
+    path = smoke_data / "train" / "site-0001"
+    assert sites.site_ref(config, {"data-path": str(path)}).site_id == "train-0001"
+    assert sites.site_ref(config, {"data-path": str(path), "site-id": "train-0001"}).path == path.resolve()
+    wrong = sites.site_ref(config, {"data-path": str(path), "site-id": "hospital-a"})
+    assert wrong.path is None and "train-0001" in wrong.problem and "hospital-a" in wrong.problem

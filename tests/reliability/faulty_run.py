@@ -26,7 +26,7 @@ from client.client_app import make_client_app
 from common.config import Config, load
 
 SMOKE = Path(__file__).resolve().parents[2] / "simulations" / "configs" / "smoke.yaml"
-ATTACKER = "site-0003"
+ATTACKER = "train-0003"  # the manifest site id of train/site-0003
 # Round -> what the attacking site does to its reply.
 SCHEDULE = {
     1: "honest",
