@@ -25,6 +25,8 @@ from common.config import Config, flatten, from_run_config
 
 DATA_PATH_KEY = "data-path"
 SITE_ID_KEY = "site-id"
+# The site's compute device (auto | cpu | cuda | cuda:N): the site's choice, over the run's runtime.device.
+DEVICE_KEY = "device"
 PARTITION_ID_KEY = "partition-id"
 # Run-config keys about the run itself, not the experiment (not in the Config schema):
 # ``resume`` names a run directory to continue (``flwr run . --run-config 'resume="runs/x"'``).
@@ -170,6 +172,16 @@ def resolve_config(bound: Config | None, run_config: Mapping[str, Any]) -> Confi
         if key not in _configs:
             _configs[key] = config_from_run_config(run_config)
         return _configs[key]
+
+
+def with_node_device(config: Config, node_config: Mapping[str, Any]) -> Config:
+    """``config`` with the node config's ``device`` (when set) as ``runtime.device``."""
+    device = str(node_config.get(DEVICE_KEY, "") or "")
+    if not device or device == config.runtime.device:
+        return config
+    import dataclasses
+
+    return dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, device=device))
 
 
 def get_task(config: Config) -> Any:
