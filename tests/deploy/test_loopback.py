@@ -2,8 +2,8 @@
 
 One SuperLink (TLS, ``--enable-supernode-auth``, ``--database``), the nginx
 Fleet proxy in front of it, and two SuperNodes with their own site folders and
-privacy policy in their node config, all started by deploy/'s scripts and
-shared by the checks below. ``metafed deploy run`` submits the runs.
+privacy policy in their node config, each served by a warm worker, all started
+by deploy/'s scripts and shared by the checks below. ``metafed deploy run`` submits the runs.
 
 Flower's task heartbeat is fixed (a dead ServerApp is noticed after 2 x 30 s),
 which is most of this module's time; the rest is one ClientApp process per
@@ -153,7 +153,7 @@ class Loopback:
         site.mkdir(exist_ok=True)
         policy = (DEPLOY / "site.toml").read_text()
         policy = policy.replace("/srv/metafed/site", str(folder)).replace('site-id = "hospital-a"\n', "")
-        policy += f'privacy-ledger-dir = "{site / "ledger"}"\n'
+        policy += f'privacy-ledger-dir = "{site / "ledger"}"\nworker-dir = "{site / "worker"}"\n'
         (site / "site.toml").write_text(policy)
         self.start(name, "sh", str(DEPLOY / "start-site.sh"), f"localhost:{self.proxy_port}",
                    str(self.certs / "ca.crt"), str(self.keys / name), str(site / "site.toml"),

@@ -103,7 +103,7 @@ def test_flower_run_config_defaults_mirror_the_config_schema():
     from common.config import Config, flatten, valid_keys
 
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
+    assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.shim_app:app"}
 
     def flat(d, prefix=""):
         out = {}
