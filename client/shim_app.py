@@ -83,6 +83,11 @@ def worker_paths(node_config: dict[str, Any]) -> tuple[Path, Path]:
     """The worker's socket and key file: one worker per site folder and app version."""
     folder = Path(str(node_config.get(WORKER_DIR_KEY, "") or Path(tempfile.gettempdir()) / f"metafed-{os.getuid()}"))
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        # Another user could read the key, or put a socket of theirs in its place.
+        raise PermissionError(f"{folder} ({WORKER_DIR_KEY}) must be this user's own and mode 0700 (chmod 700 it), "
+                              f"or set {WORKER_DIR_KEY} to such a folder")
     ident = hashlib.sha256(f"{node_config.get('data-path', '')}\0{APP_ROOT}".encode()).hexdigest()[:16]
     return folder / f"worker-{ident}.sock", folder / f"worker-{ident}.key"
 
