@@ -45,8 +45,7 @@ def is_warm(node_config: dict[str, Any]) -> bool:
 
 # ------------------------------------------------------------- plain records
 def plain_records(content: RecordDict) -> dict[str, dict]:
-    from flwr.app import Array  # noqa: F401 - arrays convert through numpy only
-
+    """A message's records as dicts of numpy arrays and plain values (what crosses the socket)."""
     return {
         "arrays": {k: {n: a.numpy() for n, a in rec.items()} for k, rec in content.array_records.items()},
         "configs": {k: dict(rec) for k, rec in content.config_records.items()},

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Any
@@ -95,5 +94,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    started = time.time()
     sys.exit(main(sys.argv[1:]))
