@@ -435,14 +435,18 @@ def run_dir_from_run_config(config: Config, run_config: Mapping[str, Any]) -> tu
     """The run directory a submitted run writes to, and whether it resumes it.
 
     ``resume`` names a run directory to continue and ``run-name`` one to start
-    (or, in deployment mode, to continue when it has a checkpoint); a
-    relative name is a folder under ``output_dir``. Neither: a fresh
-    ``output_dir/NAME-<time>``.
+    (or, in deployment mode, to continue when it has a checkpoint). A
+    ``run-name``, and in deployment mode a relative ``resume``, is a folder
+    under ``output_dir`` (in a simulation a relative ``resume`` is taken as
+    given). Neither: a fresh ``output_dir/NAME-<time>``.
     """
     base = Path(config.output_dir).expanduser()
     resume_dir = str(run_config.get(RESUME_KEY, "") or "")
     if resume_dir:
-        return base / resume_dir, True  # an absolute resume_dir stays as it is
+        path = Path(resume_dir).expanduser()
+        if not path.is_absolute() and config.federation.mode == "deployment":
+            path = base / path
+        return path, True
     name = str(run_config.get(site_dirs.RUN_NAME_KEY, "") or "")
     if name:
         if Path(name).name != name or name in (".", ".."):

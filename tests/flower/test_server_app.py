@@ -7,6 +7,7 @@ path where the server holds no held-out sites and evaluates at the sites.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import json
 import shutil
 
@@ -263,6 +264,8 @@ def test_a_submitted_runs_directory_is_named_under_output_dir(tmp_path):
     assert run_dir_from_run_config(cfg, {}) == (None, False)
     with pytest.raises(ConfigError, match="folder name"):
         run_dir_from_run_config(cfg, {"run-name": "../elsewhere"})
+    simulated = from_dict({}, {"output_dir": str(tmp_path)})
+    assert run_dir_from_run_config(simulated, {"resume": "runs/x"}) == (Path("runs/x"), True)
 
 
 def test_a_resubmitted_deployment_run_without_a_checkpoint_starts_at_round_0(config, smoke_data, tmp_path):
