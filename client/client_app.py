@@ -57,7 +57,7 @@ def make_client_app(config: Config | None = None) -> ClientApp:
         found.append(ref)
         # The run's privacy request, bound to this site's own policy (raises PolicyViolation).
         cfg = privacy_policy.check(cfg, privacy_policy.for_node(cfg, context.node_config))
-        task = sites.get_task(cfg)
+        task = sites.get_task(sites.with_node_device(cfg, context.node_config))
         return task, sites.load_site(task, ref)
 
     @app.train()

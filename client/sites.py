@@ -25,15 +25,25 @@ from common.config import Config, flatten, from_run_config
 
 DATA_PATH_KEY = "data-path"
 SITE_ID_KEY = "site-id"
+# The site's compute device (auto | cpu | cuda | cuda:N): the site's choice, over the run's runtime.device.
+DEVICE_KEY = "device"
 PARTITION_ID_KEY = "partition-id"
 # Run-config keys about the run itself, not the experiment (not in the Config schema):
 # ``resume`` names a run directory to continue (``flwr run . --run-config 'resume="runs/x"'``).
 RESUME_KEY = "resume"
-APP_KEYS = (RESUME_KEY,)
+# ``run-name`` names the run directory under ``output_dir`` (``metafed deploy run``
+# sets it, so that a resubmission can resume the same directory).
+RUN_NAME_KEY = "run-name"
+APP_KEYS = (RESUME_KEY, RUN_NAME_KEY)
+CONFIG_FILE_KEYS = ("config-file", "config_file")
+# The app's own folder (where its pyproject.toml is): a relative ``config-file``
+# is read from here, wherever Flower runs the app from.
+APP_ROOT = Path(__file__).resolve().parents[1]
 
 _lock = threading.Lock()
 _tasks: dict[Config, Any] = {}
 _configs: dict[tuple, Config] = {}
+_site_ids: dict[Path, str | None] = {}
 _threads_set = False
 
 
@@ -64,17 +74,43 @@ class SiteRef:
     problem: str = ""  # why path is None
 
 
+def manifest_site_id(path: Path) -> str | None:
+    """The ``site_id`` a site folder's manifest declares (None when it cannot be read)."""
+    from common.data.site import SiteDataError, read_manifest
+
+    with _lock:
+        if path in _site_ids:
+            return _site_ids[path]
+    try:
+        site_id: str | None = str(read_manifest(path)["site_id"])
+    except (SiteDataError, OSError, KeyError):
+        site_id = None  # loading the site then says what is wrong
+    with _lock:
+        _site_ids[path] = site_id
+    return site_id
+
+
 def site_ref(config: Config, node_config: Mapping[str, Any]) -> SiteRef:
-    """Find this node's site directory from its node config (never raises)."""
+    """Find this node's site directory from its node config (never raises).
+
+    A site has one identifier everywhere (sampling, seeds, ledgers, metrics):
+    the ``site_id`` of its manifest; the folder name only stands in when the
+    manifest cannot be read. A node config ``site-id`` must agree with it.
+    """
     if DATA_PATH_KEY in node_config and str(node_config[DATA_PATH_KEY]):
         path = Path(str(node_config[DATA_PATH_KEY])).expanduser().resolve()
-        site_id = str(node_config.get(SITE_ID_KEY, "") or path.name)
-        return SiteRef(site_id, path)
+        declared = str(node_config.get(SITE_ID_KEY, "") or "")
+        found = manifest_site_id(path)
+        if declared and found is not None and declared != found:
+            return SiteRef(declared, None, f"the node config says {SITE_ID_KEY}={declared!r} but {path}/manifest.yaml "
+                           f"declares site_id {found!r}: one site has one identifier; fix either")
+        return SiteRef(found or declared or path.name, path)
     if PARTITION_ID_KEY in node_config:
         pid = int(node_config[PARTITION_ID_KEY])
         dirs = train_site_dirs(config.data.root)
         if 0 <= pid < len(dirs):
-            return SiteRef(dirs[pid].name, dirs[pid].resolve())
+            path = dirs[pid].resolve()
+            return SiteRef(manifest_site_id(path) or path.name, path)
         return SiteRef(
             f"partition-{pid}",
             None,
@@ -99,6 +135,12 @@ def _same_as_default(value: Any, default: Any) -> bool:
     return value == default
 
 
+def app_path(path: str) -> Path:
+    """A path from the run config: as given when absolute, else inside the app's folder."""
+    given = Path(path).expanduser()
+    return given if given.is_absolute() else APP_ROOT / given
+
+
 def config_from_run_config(run_config: Mapping[str, Any]) -> Config:
     """Flower's run config -> Config.
 
@@ -108,6 +150,9 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> Config:
     their default value are therefore left to the file, and the others override it.
     """
     flat = {k: v for k, v in run_config.items() if k not in APP_KEYS}
+    for key in CONFIG_FILE_KEYS:
+        if flat.get(key):
+            flat[key] = str(app_path(str(flat[key])))
     if flat.get("config-file") or flat.get("config_file"):
         defaults = flatten(Config())
         flat = {
@@ -127,6 +172,16 @@ def resolve_config(bound: Config | None, run_config: Mapping[str, Any]) -> Confi
         if key not in _configs:
             _configs[key] = config_from_run_config(run_config)
         return _configs[key]
+
+
+def with_node_device(config: Config, node_config: Mapping[str, Any]) -> Config:
+    """``config`` with the node config's ``device`` (when set) as ``runtime.device``."""
+    device = str(node_config.get(DEVICE_KEY, "") or "")
+    if not device or device == config.runtime.device:
+        return config
+    import dataclasses
+
+    return dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, device=device))
 
 
 def get_task(config: Config) -> Any:

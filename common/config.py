@@ -56,6 +56,10 @@ class DataConfig:
     # site would; a held-out one is left out of the meta-test).
     on_invalid_site: str = "refuse"
     seed: int = 0
+    # Held-out site folders for the server's meta-test, named by path (deployment:
+    # the server holds no data root of its own). Empty: ``root/test/*``, or, in
+    # deployment mode, federated evaluation at the sites that allow it.
+    test_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,12 @@ class ServerOptConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
+    # simulation: the server sees the data root (it may write the benchmark,
+    # and expects one node per train folder); deployment: the sites hold the
+    # data, the server never generates any and waits for ``min_sites``
+    # registered sites up to ``discovery_timeout``; outputs go under an
+    # absolute ``output_dir``.
+    mode: str = "simulation"
     rounds: int = 30
     # Sites per round: a fixed count, or a fraction of the available sites when
     # fraction > 0. Poisson sampling (each site independently) when poisson=true.
@@ -299,6 +309,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "aggregation.rule": ("mean", "median", "trimmed_mean", "multikrum", "clipped_mean"),
     "replies.on_excess": ("reject", "clip"),
     "data.on_invalid_site": ("refuse", "warn"),
+    "federation.mode": ("simulation", "deployment"),
 }
 
 
@@ -642,6 +653,12 @@ def validate(config: Config) -> Config:
             "client-level DP (privacy.client)"
         )
     _validate_robustness(config)
+    if config.federation.mode == "deployment" and not Path(config.output_dir).expanduser().is_absolute():
+        raise ConfigError(
+            f"federation.mode=deployment needs an absolute output_dir (got {config.output_dir!r}): the "
+            "ServerApp runs in a folder of the SuperLink's choosing; set output_dir to a fixed folder, e.g. "
+            "/var/lib/metafed/runs"
+        )
     if config.privacy.client.enabled and config.federation.fraction <= 0.0:
         raise ConfigError(
             "client-level DP needs Poisson sampling of sites: set federation.fraction "

@@ -136,8 +136,16 @@ class MetaRun:
         self.session_start = time.time()
 
     # ----------------------------------------------------------------- set-up
+    @property
+    def deployment(self) -> bool:
+        return self.config.federation.mode == "deployment"
+
     def _prepare_data(self) -> None:
         data = self.config.data
+        if self.deployment:
+            if data.generate:
+                log(INFO, "federation.mode=deployment: data.generate is ignored (the sites hold the data)")
+            return
         if data.generate:
             from common.data import ensure_benchmark
 
@@ -145,6 +153,10 @@ class MetaRun:
 
     def _initial_state(self, task: Any) -> ServerState:
         theta0 = tree.clone(task.initial_parameters(seed=self.config.federation.seed))
+        if self.resume and self.deployment and not checkpoint.list_checkpoints(self.run_dir):
+            # Resubmitted after the ServerApp died before its first checkpoint.
+            log(INFO, "resume: %s holds no checkpoint yet: starting the run from round 0", self.run_dir)
+            self.resume = False
         if not self.resume:
             return ServerState(params=theta0, opt_state=server_opt.init_state(theta0, config=self.config.server_opt))
         state, _saved = checkpoint.load_latest(
@@ -249,7 +261,10 @@ class MetaRun:
         self.elapsed_before = self.state.elapsed
         self.files.rewrite_metrics(self.state.history)
 
-        test_dirs = site_dirs.test_site_dirs(config.data.root)
+        test_dirs = [Path(p).expanduser() for p in config.data.test_paths]
+        if not test_dirs and not self.deployment:
+            test_dirs = site_dirs.test_site_dirs(config.data.root)
+        held_out = "data.test_paths" if self.deployment or config.data.test_paths else f"{config.data.root}/test"
         self.test_sites = []
         for path in test_dirs:
             try:
@@ -258,11 +273,13 @@ class MetaRun:
                 log(WARNING, "held-out site %s left out of the meta-test: %s", path.name, err)
         federated_eval = not self.test_sites and not config.privacy.record.enabled
         if federated_eval:
-            log(INFO, "no held-out sites under %s/test: evaluating at the sites instead", config.data.root)
+            log(INFO, "no held-out sites in %s: evaluating at the sites that allow it instead", held_out)
         elif not self.test_sites:  # private sites release no statistic of their records
-            log(INFO, "no held-out sites under %s/test and record-level DP is on: no evaluation (hold out "
-                "sites under data.root/test for a meta-test)", config.data.root)
+            log(INFO, "no held-out sites in %s and record-level DP is on: no evaluation (name held-out "
+                "site folders in data.test_paths for a meta-test)", held_out)
         expected = self.expected_nodes
+        if expected is None and self.deployment:  # the sites that register: at least min_sites
+            expected = fed.min_sites
         if expected is None:
             expected = len(site_dirs.train_site_dirs(config.data.root)) or fed.min_sites
         self.strategy = MetaStrategy(
@@ -304,6 +321,34 @@ class MetaRun:
         return summary
 
 
+class RunFailedError(RuntimeError):
+    """The run ended without completing (summary.json says why)."""
+
+
+def run_dir_from_run_config(config: Config, run_config: Mapping[str, Any]) -> tuple[Path | None, bool]:
+    """The run directory a submitted run writes to, and whether it resumes it.
+
+    ``resume`` names a run directory to continue and ``run-name`` one to start
+    (or, in deployment mode, to continue when it has a checkpoint). A
+    ``run-name``, and in deployment mode a relative ``resume``, is a folder
+    under ``output_dir`` (in a simulation a relative ``resume`` is taken as
+    given). Neither: a fresh ``output_dir/NAME-<time>``.
+    """
+    base = Path(config.output_dir).expanduser()
+    resume_dir = str(run_config.get(RESUME_KEY, "") or "")
+    if resume_dir:
+        path = Path(resume_dir).expanduser()
+        if not path.is_absolute() and config.federation.mode == "deployment":
+            path = base / path
+        return path, True
+    name = str(run_config.get(site_dirs.RUN_NAME_KEY, "") or "")
+    if name:
+        if Path(name).name != name or name in (".", ".."):
+            raise ConfigError(f"run-name must be a folder name, not a path; got {name!r}")
+        return base / name, False
+    return None, False
+
+
 def make_server_app(
     config: Config | None = None,
     *,
@@ -324,15 +369,16 @@ def make_server_app(
         cfg, where, again = config, run_dir, resume
         if cfg is None:
             run_config = dict(context.run_config)
-            resume_dir = str(run_config.get(RESUME_KEY, "") or "")
             cfg = site_dirs.config_from_run_config(run_config)
-            if resume_dir:
-                where, again = Path(resume_dir), True
+            where, again = run_dir_from_run_config(cfg, run_config)
         try:
-            MetaRun(cfg, where, resume=again, on_round=on_round, expected_nodes=expected_nodes).execute(grid)
+            summary = MetaRun(cfg, where, resume=again, on_round=on_round, expected_nodes=expected_nodes).execute(grid)
         finally:
             if on_exit is not None:
                 on_exit()
+        if config is None and summary["status"] != "completed":
+            # Flower then lists the run as finished:failed, with this reason.
+            raise RunFailedError(summary.get("reason", summary["status"]))
 
     return app
 

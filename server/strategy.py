@@ -170,6 +170,9 @@ class MetaStrategy(FedAvg):
         self._nonce: dict[int, str] = {}
         self._theta_digest: dict[int, bytes] = {}
         self._instructions: dict[int, dict[int, Message]] = {}
+        # (round, kind) -> the messages sent: an error reply that the SuperLink
+        # makes for a lost node names that node only through the message it answers.
+        self._outbox: dict[tuple[int, str], list[Message]] = {}
         # Under client-level DP only bounds that depend on a site's own update apply.
         self._relative_bound = not config.privacy.client.enabled
 
@@ -313,6 +316,7 @@ class MetaStrategy(FedAvg):
                 )
             )
         self._sent[(server_round, kind)] = sent
+        self._outbox[(server_round, kind)] = messages
         if kind == MessageType.TRAIN:
             # The grid stamps message ids on these objects when it pushes them.
             self._instructions[server_round] = {m.metadata.dst_node_id: m for m in messages}
@@ -346,6 +350,24 @@ class MetaStrategy(FedAvg):
             rec["rejected"][check] = rec["rejected"].get(check, 0) + 1
         rec["failures"].append({"site": site_id, "kind": kind, "reason": reason})
         log(WARNING, "round %d: %s reply from site %s (node %d) dropped: %s", server_round, kind, site_id, node, reason)
+
+    def origin(self, msg: Message, server_round: int, kind: str) -> int:
+        """The node a reply stands for.
+
+        A reply from the node itself carries its id. When a node is lost, the
+        SuperLink answers for it, from its own id: the reply then names the node
+        through the instruction it answers. So a lost site is recorded once,
+        under its own site id (a failure, not also missing).
+        """
+        node = msg.metadata.src_node_id
+        sent = self._sent.get((server_round, kind), {})
+        if node in sent:
+            return node
+        asked = msg.metadata.reply_to_message_id
+        for instruction in self._outbox.get((server_round, kind), []):
+            if asked and instruction.metadata.message_id == asked:
+                return instruction.metadata.dst_node_id
+        return node
 
     def check_round_binding(self, msg: Message, server_round: int, node: int) -> str | None:
         """None when ``msg`` answers this round's instruction to ``node``, else why not."""
@@ -413,9 +435,11 @@ class MetaStrategy(FedAvg):
         checked_replies: list[tuple[str, int, tree.Tree, int, dict[str, float], bytes]] = []
         answered: set[int] = set()
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self.origin(msg, r, MessageType.TRAIN)
             site_id, episodes = sent.get(node, (self.node_sites.get(node, f"node-{node}"), 0))
             if msg.has_error():
+                if node in answered:
+                    continue  # a second answer for one site: it counts once
                 self._reject(rec, r, site_id, node, "error", str(msg.error.reason))
                 answered.add(node)
                 continue
@@ -471,6 +495,7 @@ class MetaStrategy(FedAvg):
         rec["sites_replied"] = len(updates)
         rec["sites_missing"] = len(set(sent) - answered)
         self._instructions.pop(r, None)
+        self._outbox.pop((r, MessageType.TRAIN), None)
 
         deltas = bounded.deltas
         weights = [float(n) for _, _, _, n, _, _ in updates]
@@ -543,7 +568,7 @@ class MetaStrategy(FedAvg):
         failed = invalid = 0
         private: list[str] = []  # sites under record-level DP refuse: not a failure
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self.origin(msg, r, MessageType.EVALUATE)
             site_id, episodes = sent.get(node, (self.node_sites.get(node, f"node-{node}"), 0))
             if msg.has_error() and msg.error.code == wire.PRIVATE_SITE_REFUSED:
                 private.append(site_id)

@@ -9,6 +9,7 @@
     metafed import        SRC... --out DIR [options] | --array NAME=FILE... --labels FILE --out DIR
     metafed check-site    DIR... [--config FILE] [--set ...] [--write-schema FILE]
     metafed report        RUN_DIR... [--out DIR]
+    metafed deploy run    CONNECTION [--config FILE] [--set ...] [--app DIR] [--run-name NAME] [--max-resumes 2]
 
 A bad config (unknown key, wrong type, missing file), bad data or a run
 directory without a checkpoint prints the reason on stderr and exits with code
@@ -72,6 +73,22 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each with summary.json)")
     report.add_argument("--out", default="report",
                         help="folder for report.md and the plots (default: ./report)")
+    deploy = sub.add_parser("deploy", help="runs on a deployed SuperLink (see deploy/README.md)")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+    drun = deploy_sub.add_parser("run", help="submit with flwr run, follow, resume after a ServerApp loss; "
+                                 "exit 0 completed, 1 failed, 2 bad input")
+    drun.add_argument("connection", metavar="CONNECTION",
+                      help="a [superlink.NAME] section of $FLWR_HOME/config.toml (deploy/flwr-config.toml)")
+    drun.add_argument("--config", help="YAML experiment file (federation.mode is set to deployment)")
+    drun.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    drun.add_argument("--app", default=str(Path(__file__).resolve().parents[1]),
+                      help="the Flower app folder (default: this metafed checkout)")
+    drun.add_argument("--run-name", help="the run directory's name under output_dir (default: NAME-<UTC time>)")
+    drun.add_argument("--max-resumes", type=int, default=2,
+                      help="resubmissions after the ServerApp or SuperLink died (default 2; 0: none)")
+    drun.add_argument("--poll", type=float, default=2.0, help="seconds between status checks (default 2)")
+    drun.add_argument("--superlink-patience", type=float, default=300.0,
+                      help="seconds the SuperLink may stay unreachable before the run counts as failed")
 
     data = sub.add_parser("make-data", help="write the procedural benchmark's site directories")
     data.add_argument("--config", help="YAML experiment file (its data section is used)")
@@ -151,6 +168,24 @@ def _reset_ledger(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _deploy_run(args: argparse.Namespace) -> int:
+    from simulations import deploy_run
+
+    overrides = ["federation.mode=deployment", *args.overrides]
+    config = load(args.config, overrides=overrides)
+    outcome = deploy_run.deploy_run(
+        config, connection=args.connection, app=Path(args.app), run_name=args.run_name,
+        max_resumes=args.max_resumes, poll=args.poll, superlink_patience=args.superlink_patience,
+        emit=lambda line: print(line, flush=True),
+    )
+    if outcome.code == EXIT_USAGE:
+        raise deploy_run.DeployError(outcome.reason)
+    if outcome.code != EXIT_OK:
+        print(f"error: run {outcome.run_ids[-1] if outcome.run_ids else '-'} {outcome.status}: {outcome.reason}",
+              file=sys.stderr, flush=True)
+    return outcome.code
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``metafed`` command (``argv=None``: the process's command line)."""
     code = _main(argv)
@@ -188,6 +223,8 @@ def _main(argv: list[str] | None) -> int:
             return simulate(config, verbose=args.verbose)
         if args.command in ("compare", "privacy-sweep", "plan-privacy"):
             return _experiment(args, load(args.config, overrides=args.overrides))
+        if args.command == "deploy":
+            return _deploy_run(args)
         if args.command == "reset-ledger":
             return _reset_ledger(args)
         if args.command == "import":

@@ -1,6 +1,6 @@
 """Run a Flower simulation of a config in this process (Ray backend).
 
-``flwr.simulation.run_simulation`` passes an empty run config to the apps, so
+Flower's in-process simulation engine (:mod:`simulations.flower_engine`) passes an empty run config to the apps, so
 the resolved :class:`Config` is bound into them: the ServerApp runs in a thread
 of this process, and the ClientApp object (with the config in its closure) is
 shipped to the Ray workers. One worker per ``runtime.num_cpus`` cores, one
@@ -102,12 +102,10 @@ def simulate(
         run_dir = Path(resume_dir).resolve()
 
     import ray  # the heavy imports, once the input is known to be good
-    from flwr.simulation import run_simulation
-
     from client.client_app import make_client_app
     from server.run_files import make_run_dir
     from server.server_app import make_server_app
-    from simulations import watchdog
+    from simulations import flower_engine, watchdog
     from simulations.ray_backend import resilient_backend
 
     if verbose:  # the workers' own output (a site's failure also comes back as an error reply)
@@ -140,13 +138,9 @@ def simulate(
     guard = watchdog.start()  # ends Ray's processes should this process be killed
     try:
         with resilient_backend(release=server_done, call_timeout=call_timeout):
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=len(train),
-                backend_name="ray",
-                backend_config=backend,
-                verbose_logging=verbose,
+            flower_engine.run_in_process(
+                server_app=server_app, client_app=client_app, num_supernodes=len(train),
+                backend_config=backend, verbose=verbose,
             )
     except Exception as err:  # noqa: BLE001 - reported, and the exit code says so
         cause = err.__cause__ or err

@@ -38,6 +38,8 @@ def broken_data(smoke_data, tmp_path_factory) -> Path:
     shutil.copytree(smoke_data / "test", root / "test")
     bad = root / "train" / "site-0003"
     shutil.copytree(root / "train" / "site-0000", bad)
+    manifest = bad / "manifest.yaml"  # another site: its own site id
+    manifest.write_text(manifest.read_text().replace("site_id: train-0000", "site_id: site-0003", 1))
     import numpy as np
 
     labels = np.load(bad / "labels.npy")

@@ -103,7 +103,7 @@ def test_flower_run_config_defaults_mirror_the_config_schema():
     from common.config import Config, flatten, valid_keys
 
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
+    assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.shim_app:app"}
 
     def flat(d, prefix=""):
         out = {}
@@ -112,7 +112,7 @@ def test_flower_run_config_defaults_mirror_the_config_schema():
         return out
 
     run_config = flat(app["config"])
-    assert set(run_config) == set(valid_keys()) | {"config-file", "resume"}
+    assert set(run_config) == set(valid_keys()) | {"config-file", "resume", "run-name"}
     assert config_from_run_config(run_config) == Config()
     defaults = flatten(Config())
     assert all(run_config[k] == (",".join(v) if isinstance(v, list) else v) for k, v in defaults.items())

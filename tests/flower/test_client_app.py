@@ -89,7 +89,7 @@ def test_query_names_the_site(setup):
     app = make_client_app(config)
     q = Message(RecordDict({wire.CONFIG: ConfigRecord({})}), dst_node_id=1, message_type=MessageType.QUERY)
     out = app(q, context({"partition-id": 2, "num-partitions": 3}))
-    assert out.content[wire.SITE][wire.SITE_ID] == "site-0002"
+    assert out.content[wire.SITE][wire.SITE_ID] == "train-0002"  # the manifest's site id, not the folder's name
 
 
 def test_deployment_site_from_data_path(setup, smoke_data):
@@ -127,3 +127,53 @@ def test_config_from_flower_run_config(setup, smoke_data):
     run_config = {"config-file": str(SMOKE), "data.root": str(smoke_data), "resume": ""}
     out = app(train_message(config, theta), context({"partition-id": 0, "num-partitions": 3}, run_config))
     assert not out.has_error(), out.error.reason if out.has_error() else ""
+
+
+def test_a_node_config_site_id_that_contradicts_the_manifest_is_refused(setup, smoke_data):
+    """One site, one identifier: a node config ``site-id`` other than the manifest's is an error reply."""
+    from client import sites
+
+    config, _ = setup
+    path = smoke_data / "train" / "site-0001"
+    assert sites.site_ref(config, {"data-path": str(path)}).site_id == "train-0001"
+    assert sites.site_ref(config, {"data-path": str(path), "site-id": "train-0001"}).path == path.resolve()
+    wrong = sites.site_ref(config, {"data-path": str(path), "site-id": "hospital-a"})
+    assert wrong.path is None and "train-0001" in wrong.problem and "hospital-a" in wrong.problem
+
+
+def test_a_warm_site_answers_as_the_in_process_one_and_the_shim_imports_no_torch(setup, smoke_data, tmp_path):
+    """The shim hands the message to the site's warm worker (started on demand) and returns its reply."""
+    import subprocess
+    import sys
+    import time
+
+    from client import shim_app
+    from common.config import flatten
+
+    config, theta = setup
+    run_config = {k: ",".join(v) if isinstance(v, list) else v for k, v in flatten(config).items()}
+    site = str(smoke_data / "train" / "site-0001")
+    cold = make_client_app()(train_message(config, theta), context({"data-path": site}, run_config))
+    node = {"data-path": site, "warm-worker": True, "worker-dir": str(tmp_path / "w"), "worker-idle-timeout": 120.0}
+    app = shim_app.make_shim_app()
+    try:
+        q = Message(RecordDict({wire.CONFIG: ConfigRecord({})}), dst_node_id=1, message_type=MessageType.QUERY)
+        assert app(q, context(node, run_config)).content[wire.SITE][wire.SITE_ID] == "train-0001"
+        warm = app(train_message(config, theta), context(node, run_config))
+        t0 = time.monotonic()
+        again = app(train_message(config, theta), context(node, run_config))
+        warm_seconds = time.monotonic() - t0
+        assert not warm.has_error(), warm.error.reason if warm.has_error() else ""
+        a, b, c = (wire.record_to_tree(m.content[wire.ARRAYS]) for m in (cold, warm, again))
+        assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+        assert warm.content[wire.REPLY]["round"] == 1 and warm.content[wire.METRICS][wire.NUM_EXAMPLES] == 4
+        # A site whose folder is wrong answers through the worker with the site's error.
+        bad = app(train_message(config, theta), context({**node, "data-path": str(tmp_path / "none")}, run_config))
+        assert bad.has_error() and "none" in bad.error.reason
+        print(f"warm train message: {warm_seconds:.2f}s")
+    finally:
+        assert shim_app.stop_worker(node)
+        shim_app.stop_worker({**node, "data-path": str(tmp_path / "none")})
+    imported = subprocess.run([sys.executable, "-c", "import sys, client.shim_app; print('torch' in sys.modules)"],
+                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert imported.stdout.strip() == "False", imported.stderr

@@ -7,6 +7,7 @@ path where the server holds no held-out sites and evaluates at the sites.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import json
 import shutil
 
@@ -191,3 +192,92 @@ def test_client_level_dp_resumes_bit_identically_and_keeps_its_key_out_of_shared
     for name in ("config.yaml", "metrics.jsonl", "summary.json"):
         data = (tmp_path / "full" / name).read_bytes()
         assert key.hex().encode() not in data and key not in data, name
+
+
+class DeployedGrid(InProcessGrid):
+    """Nodes 21, 22, ... serve the site folders their node config names (``data-path``), as deployed."""
+
+    def __init__(self, client_app, folders) -> None:
+        self.app = client_app
+        self.contexts = {
+            21 + i: Context(run_id=7, node_id=21 + i, node_config={"data-path": str(folder)},
+                            state=RecordDict(), run_config={})
+            for i, folder in enumerate(folders)
+        }
+        self.sent = []
+
+
+def deployed(config, tmp_path, **federation):
+    return dataclasses.replace(
+        config, output_dir=str(tmp_path / "runs"),
+        data=dataclasses.replace(config.data, root=str(tmp_path / "nowhere"), generate=True),
+        federation=dataclasses.replace(config.federation, mode="deployment", **federation),
+    )
+
+
+def test_deployment_mode_generates_nothing_and_meta_tests_on_the_held_out_sites_named(config, smoke_data, tmp_path):
+    """federation.mode=deployment: no benchmark written, the registered sites train, data.test_paths meta-test."""
+    cfg = deployed(config, tmp_path, min_sites=2, sites_per_round=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_paths=(str(smoke_data / "test" / "site-0001"),)))
+    grid = DeployedGrid(make_client_app(cfg), [smoke_data / "train" / "site-0000", smoke_data / "train" / "site-0002"])
+    summary = MetaRun(cfg, tmp_path / "runs" / "r").execute(grid)
+    assert summary["status"] == "completed"
+    assert not (tmp_path / "nowhere").exists()  # data.generate is ignored: the sites hold the data
+    lines = [json.loads(x) for x in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["sites_sampled"], line["sites_replied"]) for line in lines] == [(2, 2), (2, 2)]
+    assert set(lines[-1]["meta_test"]["per_site"]) == {"test-0001"}
+    assert "evaluate" not in grid.sent
+
+
+def test_deployment_mode_without_test_paths_evaluates_at_the_sites(config, smoke_data, tmp_path):
+    """The server's own data root is not looked at in deployment, even when it has held-out sites."""
+    cfg = deployed(config, tmp_path, min_sites=2, sites_per_round=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(smoke_data), generate=False))
+    grid = DeployedGrid(make_client_app(cfg), [smoke_data / "train" / "site-0000", smoke_data / "train" / "site-0001"])
+    MetaRun(cfg, tmp_path / "runs" / "r").execute(grid)
+    lines = [json.loads(x) for x in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all("meta_test" not in line and line["federated_eval"]["sites_replied"] == 2 for line in lines)
+
+
+def test_deployment_mode_waits_for_min_sites_then_says_so(config, smoke_data, tmp_path):
+    cfg = deployed(config, tmp_path, min_sites=3, discovery_timeout=1.0)
+    grid = DeployedGrid(make_client_app(cfg), [smoke_data / "train" / "site-0000"])
+    with pytest.raises(TimeoutError, match="only 1 of 3 sites connected"):
+        MetaRun(cfg, tmp_path / "runs" / "r").execute(grid)
+
+
+def test_deployment_mode_needs_an_absolute_output_dir():
+    from common.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="absolute output_dir"):
+        from_dict({}, {"federation.mode": "deployment", "output_dir": "runs"})
+
+
+def test_a_submitted_runs_directory_is_named_under_output_dir(tmp_path):
+    from common.config import ConfigError, from_dict
+    from server.server_app import run_dir_from_run_config
+
+    cfg = from_dict({}, {"federation.mode": "deployment", "output_dir": str(tmp_path)})
+    assert run_dir_from_run_config(cfg, {"run-name": "a"}) == (tmp_path / "a", False)
+    assert run_dir_from_run_config(cfg, {"resume": "a", "run-name": ""}) == (tmp_path / "a", True)
+    assert run_dir_from_run_config(cfg, {"resume": str(tmp_path / "b")}) == (tmp_path / "b", True)
+    assert run_dir_from_run_config(cfg, {}) == (None, False)
+    with pytest.raises(ConfigError, match="folder name"):
+        run_dir_from_run_config(cfg, {"run-name": "../elsewhere"})
+    simulated = from_dict({}, {"output_dir": str(tmp_path)})
+    assert run_dir_from_run_config(simulated, {"resume": "runs/x"}) == (Path("runs/x"), True)
+
+
+def test_a_resubmitted_deployment_run_without_a_checkpoint_starts_at_round_0(config, smoke_data, tmp_path):
+    cfg = deployed(config, tmp_path, min_sites=2, sites_per_round=2, rounds=1)
+    grid = DeployedGrid(make_client_app(cfg), [smoke_data / "train" / "site-0000", smoke_data / "train" / "site-0001"])
+    summary = MetaRun(cfg, tmp_path / "runs" / "r", resume=True).execute(grid)
+    assert summary["status"] == "completed" and summary["rounds"] == 1
+
+
+def test_a_relative_config_file_is_read_inside_the_app(monkeypatch, tmp_path):
+    """Flower runs the app from a folder of its choosing: a relative config-file is the app's own file."""
+    from client.sites import config_from_run_config
+
+    monkeypatch.chdir(tmp_path)
+    assert config_from_run_config({"config-file": "simulations/configs/smoke.yaml"}).name == "smoke"

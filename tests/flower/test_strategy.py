@@ -423,3 +423,21 @@ def test_private_sites_declining_evaluation_are_not_failures(caplog):
     declined = [r for r in caplog.records if "declined federated evaluation" in r.getMessage()]
     assert len(declined) == 1 and "site-a, site-b" in declined[0].getMessage()  # once per round
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_lost_site_answered_for_by_the_superlink_counts_once_under_its_site_id(caplog):
+    """The SuperLink answers for a lost node from its own id (1): the site is one failure, not also missing."""
+    config = make_config(**{"federation.sites_per_round": 2})
+    strategy, grid = make_strategy(config, num_nodes=2)
+    sent = sorted(send(strategy, grid, 1).items())
+    for i, (_, instruction) in enumerate(sent):
+        instruction.metadata.__dict__["_message_id"] = f"instruction-{i}"
+    lost = Message(Error(code=3, reason="node went offline"), reply_to=sent[0][1])
+    lost.metadata.__dict__["_src_node_id"] = 1
+    assert lost.metadata.src_node_id == 1 and lost.metadata.reply_to_message_id == "instruction-0"
+    with caplog.at_level("WARNING"):
+        strategy.aggregate_train(1, [lost, reply(sent[1][1], shifted(theta0(), 1.0), 8)])
+    rec = strategy.rounds[1]
+    assert (rec["sites_failed"], rec["sites_missing"], rec["sites_replied"]) == (1, 0, 1)
+    assert [f["site"] for f in rec["failures"]] == [grid.nodes[sent[0][0]]]
+    assert "node-1" not in caplog.text

@@ -26,7 +26,7 @@ from client.client_app import make_client_app
 from common.config import Config, load
 
 SMOKE = Path(__file__).resolve().parents[2] / "simulations" / "configs" / "smoke.yaml"
-ATTACKER = "site-0003"
+ATTACKER = "train-0003"  # the manifest site id of train/site-0003
 # Round -> what the attacking site does to its reply.
 SCHEDULE = {
     1: "honest",
@@ -112,18 +112,18 @@ def make_faulty_client_app(config: Config, record_dir: str | Path) -> ClientApp:
 def main(argv: list[str]) -> int:
     data_root, run_dir, record_dir = argv
     import ray
-    from flwr.simulation import run_simulation
 
     from server.server_app import make_server_app
+    from simulations.flower_engine import run_in_process
     from simulations.runner import backend_config
 
     config = fault_config(data_root, run_dir)
     Path(record_dir).mkdir(parents=True, exist_ok=True)
     try:
-        run_simulation(
+        run_in_process(
             server_app=make_server_app(config, run_dir=run_dir, expected_nodes=4),
             client_app=make_faulty_client_app(config, record_dir),
-            num_supernodes=4, backend_name="ray", backend_config=backend_config(config),
+            num_supernodes=4, backend_config=backend_config(config), verbose=False,
         )
     finally:
         if ray.is_initialized():

@@ -230,7 +230,10 @@ def user_sites(tmp_path_factory) -> Path:
     shutil.copytree(gen / "train", root / "train")
     shutil.copytree(gen / "test", root / "test")
     for name in ("site-0003", "site-0004", "site-0005", "site-0006"):
-        shutil.copytree(root / "train" / "site-0000", root / "train" / name)
+        copy = shutil.copytree(root / "train" / "site-0000", root / "train" / name)
+        # A copy is another site: its own site id (a site's one identifier is its manifest's).
+        manifest = copy / "manifest.yaml"
+        manifest.write_text(manifest.read_text().replace("site_id: train-0000", f"site_id: {name}", 1))
     (root / "train" / "site-0006" / "manifest.yaml").write_text("site_id: [unclosed\n")
     return root
 
