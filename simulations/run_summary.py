@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 BASELINES = ("raw_1nn", "random_init")
-_LABELS = {"raw_1nn": "raw 1-NN", "random_init": "random initialization (adapted the same way)"}
+_LABELS = {"raw_1nn": "raw 1-NN", "random_init": "its own random initialization, adapted the same way,"}
 
 
 def _number(x: Any) -> float | None:
@@ -69,7 +69,7 @@ def warnings_for(report: Mapping[str, Any]) -> list[str]:
         if base is not None and accuracy - base <= ci:
             lines.append(
                 f"WARNING: the model ({accuracy:.3f} ± {ci:.3f}) does not clearly beat {_LABELS[name]} "
-                f"({base:.3f}) on the same episodes: it has learned little or nothing the "
+                f"({base:.3f}) on the same episodes: it has learned little or nothing that the "
                 + ("raw inputs do not already give" if name == "raw_1nn" else "untrained network does not")
                 + "; train longer or change the schedule (python -m simulations.sweep_schedule)")
     return lines
