@@ -9,8 +9,14 @@ once and reads a site directory once.
 Where a node's site is:
 - deployment: the ``data-path`` key of the node config
   (``flower-supernode --node-config 'data-path="/srv/site"'``);
-- simulation: the ``partition-id``-th directory (sorted by name) under
-  ``data.root/train``.
+- simulation: the site the server names in the message (``site-id`` in the
+  round's config: in simulation every node sees the same data root, so the
+  server assigns sites to nodes and no discovery round is needed), else the
+  ``partition-id``-th directory (sorted by name) under ``data.root/train``.
+
+The train directories are listed once per process and data root
+(:func:`site_index`): a message costs a dictionary look-up, not a listing, a
+``stat`` and a sort of every site directory.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ _lock = threading.Lock()
 _tasks: dict[Config, Any] = {}
 _configs: dict[tuple, Config] = {}
 _threads_set = False
+_indexes: dict[str, "SiteIndex"] = {}
 
 
 class SiteLookupError(ValueError):
@@ -58,28 +65,71 @@ def test_site_dirs(root: str | Path) -> list[Path]:
 
 
 @dataclass(frozen=True)
+class SiteIndex:
+    """The train site directories of a data root, listed once: by partition and by name."""
+
+    root: Path
+    paths: tuple[Path, ...]
+    by_name: Mapping[str, Path]
+
+    @classmethod
+    def build(cls, root: str | Path) -> "SiteIndex":
+        paths = tuple(p.resolve() for p in train_site_dirs(root))
+        return cls(Path(root) / "train", paths, {p.name: p for p in paths})
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def site_index(root: str | Path) -> SiteIndex:
+    """This process's index of ``root``'s train sites (built on first use, then reused).
+
+    A site directory added while a run goes on is not seen: the federation's
+    sites are those present when it started.
+    """
+    key = str(root)
+    index = _indexes.get(key)
+    if index is None:
+        with _lock:
+            index = _indexes.get(key)
+            if index is None:
+                index = _indexes[key] = SiteIndex.build(root)
+    return index
+
+
+@dataclass(frozen=True)
 class SiteRef:
     site_id: str
     path: Path | None  # None when the node config leads nowhere
     problem: str = ""  # why path is None
 
 
-def site_ref(config: Config, node_config: Mapping[str, Any]) -> SiteRef:
-    """Find this node's site directory from its node config (never raises)."""
+def site_ref(config: Config, node_config: Mapping[str, Any], *, site_id: str = "") -> SiteRef:
+    """Find this node's site directory from its node config (never raises).
+
+    ``site_id`` is the site the server named in the message; only a simulated
+    node (one with a ``partition-id`` and no ``data-path``) serves the site it
+    is told to. A deployed node always serves its own data.
+    """
     if DATA_PATH_KEY in node_config and str(node_config[DATA_PATH_KEY]):
         path = Path(str(node_config[DATA_PATH_KEY])).expanduser().resolve()
-        site_id = str(node_config.get(SITE_ID_KEY, "") or path.name)
-        return SiteRef(site_id, path)
+        own_id = str(node_config.get(SITE_ID_KEY, "") or path.name)
+        return SiteRef(own_id, path)
     if PARTITION_ID_KEY in node_config:
+        index = site_index(config.data.root)
+        if site_id:
+            path = index.by_name.get(str(site_id))
+            if path is not None:
+                return SiteRef(path.name, path)
+            return SiteRef(str(site_id), None, f"no site directory {site_id!r} under {index.root}")
         pid = int(node_config[PARTITION_ID_KEY])
-        dirs = train_site_dirs(config.data.root)
-        if 0 <= pid < len(dirs):
-            return SiteRef(dirs[pid].name, dirs[pid].resolve())
+        if 0 <= pid < len(index):
+            return SiteRef(index.paths[pid].name, index.paths[pid])
         return SiteRef(
             f"partition-{pid}",
             None,
-            f"partition-id {pid} has no site: {len(dirs)} site directories under "
-            f"{Path(config.data.root) / 'train'} (give the simulation one node per site)",
+            f"partition-id {pid} has no site: {len(index)} site directories under "
+            f"{index.root} (give the simulation one node per site)",
         )
     return SiteRef(
         "unknown",
