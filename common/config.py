@@ -242,6 +242,12 @@ class RuntimeConfig:
     num_gpus: float = 0.0
     torch_threads: int = 1
     dtype: str = "float32"
+    # Simulation: each node trains a cohort of sites per round, one message per
+    # node (false: one node and one message per site, as deployed).
+    cohort: bool = False
+    cohort_nodes: int = 0  # nodes sharing the sites out; 0: one per worker
+    # Attach to a running Ray cluster ("auto", "ray://host:10001", "host:6379"); "": start a local one.
+    ray_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -374,6 +380,7 @@ _RANGES: dict[str, Interval] = {
     "runtime.num_cpus": _POSITIVE,
     "runtime.num_gpus": _AT_LEAST_0,
     "runtime.torch_threads": _AT_LEAST_1,
+    "runtime.cohort_nodes": _AT_LEAST_0,  # 0: one per worker
 }
 
 

@@ -179,8 +179,10 @@ class MetaRun:
         resume: bool = False,
         on_round: Callable[[str], None] | None = None,
         expected_nodes: int | None = None,
+        site_ids: list[str] | None = None,
     ) -> None:
         self.config = config
+        self.site_ids = site_ids
         self.run_dir = Path(run_dir) if run_dir is not None else make_run_dir(config)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resume = resume
@@ -338,6 +340,7 @@ class MetaRun:
             config, self.state, expected_nodes=expected, round_offset=self.state.round,
             federated_eval=federated_eval, run_id=self.run_dir.name,
             aggregator=make_aggregator(config, secret_key=self.state.secret_key),
+            site_ids=self.site_ids, cohort=config.runtime.cohort and self.site_ids is not None,
         )
         self.first_round = self.state.round + 1
         self.round_start = self.session_start = time.time()
@@ -418,10 +421,13 @@ def make_server_app(
     on_round: Callable[[str], None] | None = None,
     expected_nodes: int | None = None,
     on_exit: Callable[[], None] | None = None,
+    site_ids: list[str] | None = None,
 ) -> ServerApp:
     """A ServerApp bound to ``config`` (simulate command), or (None) reading the run config.
 
-    ``on_exit()`` is called when the app's main returns or raises.
+    ``on_exit()`` is called when the app's main returns or raises. ``site_ids``
+    (simulation) are the sites, known without asking the nodes; with them,
+    ``runtime.cohort`` has each node train a cohort of sites per round.
     """
     app = ServerApp()
 
@@ -435,7 +441,8 @@ def make_server_app(
             if resume_dir:
                 where, again = Path(resume_dir), True
         try:
-            MetaRun(cfg, where, resume=again, on_round=on_round, expected_nodes=expected_nodes).execute(grid)
+            MetaRun(cfg, where, resume=again, on_round=on_round, expected_nodes=expected_nodes,
+                    site_ids=site_ids).execute(grid)
         finally:
             if on_exit is not None:
                 on_exit()
