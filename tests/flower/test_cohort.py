@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from client import sites, wire
 from client.client_app import make_client_app
 from server.server_app import MetaRun
+from tests.flower.conftest import SMOKE
 from tests.flower.test_server_app import InProcessGrid
 
 
@@ -121,3 +122,25 @@ def test_a_deployed_node_refuses_a_cohort_instruction(config, tmp_path, smoke_da
                   state=RecordDict(), run_config={})
     out = app(msg, ctx)
     assert out.has_error() and "simulated nodes only" in out.error.reason
+
+
+def test_no_cluster_at_the_ray_address_is_bad_input(config, tmp_path):
+    """Found before Ray starts or a run directory is made: exit code 2 and what to do."""
+    import socket
+
+    from simulations import cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    code = cli.main(["simulate", "--config", str(SMOKE), "--set", f"data.root={config.data.root}",
+                     "--set", f"output_dir={tmp_path}", "--ray-address", f"127.0.0.1:{port}"])
+    assert code == cli.EXIT_USAGE and not list(tmp_path.iterdir())
+
+
+def test_a_malformed_ray_address_is_bad_input():
+    from common.config import ConfigError
+    from simulations.runner import check_ray_address
+
+    with pytest.raises(ConfigError, match="expected host:port"):
+        check_ray_address("localhost")
