@@ -168,6 +168,30 @@ def _log_progress(line: dict[str, Any], total: int, eta: float | None = None) ->
     log(INFO, "%s", format_progress(line, total, eta=eta))
 
 
+class StartupGrace:
+    """A Grid whose first exchange may take ``first_timeout``: the workers start during it.
+
+    With a site query first (deployment), the query waits for the nodes to start
+    (``federation.discovery_timeout``). A simulation that knows its sites sends
+    round 1 straight away, so round 1 gets that allowance instead of
+    ``federation.round_timeout``; later rounds keep theirs.
+    """
+
+    def __init__(self, grid: Grid, *, first_timeout: float) -> None:
+        self._grid = grid
+        self._first_timeout = first_timeout
+        self._first = True
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        if self._first:
+            self._first = False
+            timeout = None if timeout is None else max(timeout, self._first_timeout)
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 class MetaRun:
     """One federated meta-learning run on a Grid: state, strategy, bookkeeping."""
 
@@ -336,6 +360,9 @@ class MetaRun:
         expected = self.expected_nodes
         if expected is None:
             expected = len(site_dirs.train_site_dirs(config.data.root)) or fed.min_sites
+        if config.runtime.cohort and self.site_ids is None:
+            log(WARNING, "runtime.cohort is for `metafed simulate`, where the server knows the sites: here each "
+                "node serves its own site")
         self.strategy = MetaStrategy(
             config, self.state, expected_nodes=expected, round_offset=self.state.round,
             federated_eval=federated_eval, run_id=self.run_dir.name,
@@ -345,6 +372,8 @@ class MetaRun:
         self.first_round = self.state.round + 1
         self.round_start = self.session_start = time.time()
         remaining = fed.rounds - self.state.round
+        if self.site_ids is not None:  # no site query waits for the workers to start: round 1 does
+            grid = StartupGrace(grid, first_timeout=max(fed.round_timeout, fed.discovery_timeout))
         if remaining > 0:
             self.strategy.start(
                 grid,
