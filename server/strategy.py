@@ -203,7 +203,8 @@ class MetaStrategy(FedAvg):
         self.aggregator: Aggregator = aggregator or WeightedMean()
         if state.aggregator_state:
             self.aggregator.load_state_dict(state.aggregator_state)
-        self.expected_nodes = max(expected_nodes, fed.min_sites)
+        # In a cohort the nodes are workers, not sites: federation.min_sites counts sites.
+        self.expected_nodes = max(expected_nodes, 1 if cohort else fed.min_sites)
         self.round_offset = round_offset
         self.federated_eval = federated_eval
         self.discovery_timeout = fed.discovery_timeout if discovery_timeout is None else discovery_timeout
@@ -304,10 +305,11 @@ class MetaStrategy(FedAvg):
         """The connected node ids, once enough are (see :meth:`discover`)."""
         start = time.monotonic()
         deadline = start + self.discovery_timeout
-        want = self.expected_nodes if not self._waited else self.config.federation.min_sites
+        min_nodes = 1 if self.cohort else self.config.federation.min_sites
+        want = self.expected_nodes if not self._waited else min_nodes
         while len(node_ids := list(grid.get_node_ids())) < want:
             now = time.monotonic()
-            if now - start > self.node_grace and len(node_ids) >= self.config.federation.min_sites:
+            if now - start > self.node_grace and len(node_ids) >= min_nodes:
                 log(
                     WARNING,
                     "%d of %d expected sites connected after %.0fs: going on with them (in a "

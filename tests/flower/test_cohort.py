@@ -106,7 +106,8 @@ def test_record_dp_in_a_cohort_keeps_each_sites_ledger_and_noise(config, tmp_pat
 
 
 def test_robust_aggregation_runs_over_the_sites_of_cohorts(config, tmp_path):
-    median = _with(config, aggregation={"rule": "median"}, federation={"rounds": 1})
+    # federation.min_sites counts sites, not the cohort's 2 nodes
+    median = _with(config, aggregation={"rule": "median"}, federation={"rounds": 1, "min_sites": 3})
     _, per_site, _, _ = run(median, tmp_path / "assigned", mode="assigned", nodes=3)
     _, cohort, _, _ = run(median, tmp_path / "cohort", mode="cohort", nodes=2)
     assert_same(per_site, cohort)
