@@ -9,8 +9,14 @@ once and reads a site directory once.
 Where a node's site is:
 - deployment: the ``data-path`` key of the node config
   (``flower-supernode --node-config 'data-path="/srv/site"'``);
-- simulation: the ``partition-id``-th directory (sorted by name) under
-  ``data.root/train``.
+- simulation: the site the server names in the message (``site-id`` in the
+  round's config: in simulation every node sees the same data root, so the
+  server assigns sites to nodes and no discovery round is needed), else the
+  ``partition-id``-th directory (sorted by name) under ``data.root/train``.
+
+The train directories are listed once per process and data root
+(:func:`site_index`): a message costs a dictionary look-up, not a listing, a
+``stat`` and a sort of every site directory.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ _tasks: dict[Config, Any] = {}
 _configs: dict[tuple, Config] = {}
 _site_ids: dict[Path, str | None] = {}
 _threads_set = False
+_indexes: dict[str, "SiteIndex"] = {}
 
 
 class SiteLookupError(ValueError):
@@ -65,6 +72,45 @@ def test_site_dirs(root: str | Path) -> list[Path]:
     if not test.is_dir():
         return []
     return sorted(p for p in test.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+@dataclass(frozen=True)
+class SiteIndex:
+    """The train site directories of a data root, listed once: by partition and by name."""
+
+    root: Path
+    paths: tuple[Path, ...]
+    by_name: Mapping[str, Path]
+
+    ids: tuple[str, ...] = ()  # each path's site id (its manifest's site_id)
+
+    @classmethod
+    def build(cls, root: str | Path) -> "SiteIndex":
+        paths = tuple(p.resolve() for p in train_site_dirs(root))
+        ids = tuple(manifest_site_id(p) or p.name for p in paths)
+        by_name: dict[str, Path] = {}
+        for site_id, path in zip(ids, paths):
+            by_name.setdefault(site_id, path)  # preflight refuses two folders with one site_id
+        return cls(Path(root) / "train", paths, by_name, ids)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def site_index(root: str | Path) -> SiteIndex:
+    """This process's index of ``root``'s train sites (built on first use, then reused).
+
+    A site directory added while a run goes on is not seen: the federation's
+    sites are those present when it started.
+    """
+    key = str(root)
+    index = _indexes.get(key)
+    if index is None:
+        with _lock:
+            index = _indexes.get(key)
+            if index is None:
+                index = _indexes[key] = SiteIndex.build(root)
+    return index
 
 
 @dataclass(frozen=True)
@@ -90,12 +136,15 @@ def manifest_site_id(path: Path) -> str | None:
     return site_id
 
 
-def site_ref(config: Config, node_config: Mapping[str, Any]) -> SiteRef:
+def site_ref(config: Config, node_config: Mapping[str, Any], *, site_id: str = "") -> SiteRef:
     """Find this node's site directory from its node config (never raises).
 
     A site has one identifier everywhere (sampling, seeds, ledgers, metrics):
     the ``site_id`` of its manifest; the folder name only stands in when the
     manifest cannot be read. A node config ``site-id`` must agree with it.
+    ``site_id`` is the site the server named in the message; only a simulated
+    node (one with a ``partition-id`` and no ``data-path``) serves the site it
+    is told to. A deployed node always serves its own data.
     """
     if DATA_PATH_KEY in node_config and str(node_config[DATA_PATH_KEY]):
         path = Path(str(node_config[DATA_PATH_KEY])).expanduser().resolve()
@@ -106,16 +155,20 @@ def site_ref(config: Config, node_config: Mapping[str, Any]) -> SiteRef:
                            f"declares site_id {found!r}: one site has one identifier; fix either")
         return SiteRef(found or declared or path.name, path)
     if PARTITION_ID_KEY in node_config:
+        index = site_index(config.data.root)
+        if site_id:
+            path = index.by_name.get(str(site_id))
+            if path is not None:
+                return SiteRef(str(site_id), path)
+            return SiteRef(str(site_id), None, f"no site directory with site_id {site_id!r} under {index.root}")
         pid = int(node_config[PARTITION_ID_KEY])
-        dirs = train_site_dirs(config.data.root)
-        if 0 <= pid < len(dirs):
-            path = dirs[pid].resolve()
-            return SiteRef(manifest_site_id(path) or path.name, path)
+        if 0 <= pid < len(index):
+            return SiteRef(index.ids[pid], index.paths[pid])
         return SiteRef(
             f"partition-{pid}",
             None,
-            f"partition-id {pid} has no site: {len(dirs)} site directories under "
-            f"{Path(config.data.root) / 'train'} (give the simulation one node per site)",
+            f"partition-id {pid} has no site: {len(index)} site directories under "
+            f"{index.root} (give the simulation one node per site)",
         )
     return SiteRef(
         "unknown",

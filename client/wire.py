@@ -38,6 +38,25 @@ EVALUATE_KEYS = ("round", "inner_steps", "ways", "shots", "query_shots", "episod
 # from failures.
 PRIVATE_SITE_REFUSED = 100
 
+# A cohort instruction (simulation: one message per node, naming the sites it
+# trains or evaluates this round) carries, in its ConfigRecord, the site ids and
+# their per-site seeds; every other key is the same for all its sites. The reply
+# carries each site's records under "<record>/<site id>" (arrays, metrics), the
+# sites that failed in the ConfigRecords COHORT_ERRORS (site id -> reason) and
+# COHORT_ERROR_CODES (site id -> code), and one REPLY echo for all of them.
+COHORT_SITES = "cohort-sites"
+COHORT_SEEDS = "cohort-seeds"
+COHORT_ERRORS = "cohort-errors"
+COHORT_ERROR_CODES = "cohort-error-codes"
+# The site a simulated node is told to serve (per-site mode without discovery).
+SITE_FOR = "site-id"
+
+
+def cohort_key(record: str, site_id: str) -> str:
+    """The name of one site's record in a cohort reply: ``"arrays/site-0003"``."""
+    return f"{record}/{site_id}"
+
+
 # Message type of the one-off query asking a node which site it serves.
 QUERY_SITE = "query"
 SITE_ID = "site-id"

@@ -274,6 +274,12 @@ class RuntimeConfig:
     # Also write TensorBoard event files (run_dir/tensorboard): needs the
     # ``tensorboard`` package (pip install 'metafed[tensorboard]').
     tensorboard: bool = False
+    # Simulation: each node trains a cohort of sites per round, one message per
+    # node (false: one node and one message per site, as deployed).
+    cohort: bool = False
+    cohort_nodes: int = 0  # nodes sharing the sites out; 0: one per worker
+    # Attach to a running Ray cluster ("auto", "ray://host:10001", "host:6379"); "": start a local one.
+    ray_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -413,6 +419,7 @@ _RANGES: dict[str, Interval] = {
     "runtime.num_cpus": _POSITIVE,
     "runtime.num_gpus": _AT_LEAST_0,
     "runtime.torch_threads": _AT_LEAST_1,
+    "runtime.cohort_nodes": _AT_LEAST_0,  # 0: one per worker
 }
 
 

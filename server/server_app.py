@@ -114,6 +114,30 @@ def _log_progress(line: dict[str, Any], total: int, eta: float | None = None) ->
     log(INFO, "%s", format_progress(line, total, eta=eta))
 
 
+class StartupGrace:
+    """A Grid whose first exchange may take ``first_timeout``: the workers start during it.
+
+    With a site query first (deployment), the query waits for the nodes to start
+    (``federation.discovery_timeout``). A simulation that knows its sites sends
+    round 1 straight away, so round 1 gets that allowance instead of
+    ``federation.round_timeout``; later rounds keep theirs.
+    """
+
+    def __init__(self, grid: Grid, *, first_timeout: float) -> None:
+        self._grid = grid
+        self._first_timeout = first_timeout
+        self._first = True
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        if self._first:
+            self._first = False
+            timeout = None if timeout is None else max(timeout, self._first_timeout)
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 class MetaRun:
     """One federated meta-learning run on a Grid: state, strategy, bookkeeping."""
 
@@ -125,8 +149,10 @@ class MetaRun:
         resume: bool = False,
         on_round: Callable[[str], None] | None = None,
         expected_nodes: int | None = None,
+        site_ids: list[str] | None = None,
     ) -> None:
         self.config = config
+        self.site_ids = site_ids
         self.run_dir = Path(run_dir) if run_dir is not None else make_run_dir(config)
         self.files = RunFiles(self.run_dir, config=config)
         self.resume = resume
@@ -282,14 +308,20 @@ class MetaRun:
             expected = fed.min_sites
         if expected is None:
             expected = len(site_dirs.train_site_dirs(config.data.root)) or fed.min_sites
+        if config.runtime.cohort and self.site_ids is None:
+            log(WARNING, "runtime.cohort is for `metafed simulate`, where the server knows the sites: here each "
+                "node serves its own site")
         self.strategy = MetaStrategy(
             config, self.state, expected_nodes=expected, round_offset=self.state.round,
             federated_eval=federated_eval, run_id=self.run_dir.name,
             aggregator=make_aggregator(config, secret_key=self.state.secret_key),
+            site_ids=self.site_ids, cohort=config.runtime.cohort and self.site_ids is not None,
         )
         self.session_round_seconds: list[float] = []
         self.round_start = self.session_start = time.time()
         remaining = fed.rounds - self.state.round
+        if self.site_ids is not None:  # no site query waits for the workers to start: round 1 does
+            grid = StartupGrace(grid, first_timeout=max(fed.round_timeout, fed.discovery_timeout))
         if remaining > 0:
             self.strategy.start(
                 grid,
@@ -357,10 +389,13 @@ def make_server_app(
     on_round: Callable[[str], None] | None = None,
     expected_nodes: int | None = None,
     on_exit: Callable[[], None] | None = None,
+    site_ids: list[str] | None = None,
 ) -> ServerApp:
     """A ServerApp bound to ``config`` (simulate command), or (None) reading the run config.
 
-    ``on_exit()`` is called when the app's main returns or raises.
+    ``on_exit()`` is called when the app's main returns or raises. ``site_ids``
+    (simulation) are the sites, known without asking the nodes; with them,
+    ``runtime.cohort`` has each node train a cohort of sites per round.
     """
     app = ServerApp()
 
@@ -372,7 +407,8 @@ def make_server_app(
             cfg = site_dirs.config_from_run_config(run_config)
             where, again = run_dir_from_run_config(cfg, run_config)
         try:
-            summary = MetaRun(cfg, where, resume=again, on_round=on_round, expected_nodes=expected_nodes).execute(grid)
+            summary = MetaRun(cfg, where, resume=again, on_round=on_round, expected_nodes=expected_nodes,
+                              site_ids=site_ids).execute(grid)
         finally:
             if on_exit is not None:
                 on_exit()

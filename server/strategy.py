@@ -20,8 +20,15 @@ Per round, over Flower's own loop (``Strategy.start``):
   (adapt on support, score query at sampled sites) when asked to: in
   simulation the server meta-tests centrally on held-out sites instead.
 
-Flower's node ids are not stable across runs, so the strategy first asks each
-node which site it serves (a ``query`` message) and samples over site ids.
+Flower's node ids are not stable across runs, so in deployment the strategy
+first asks each node which site it serves (a ``query`` message) and samples
+over site ids. In simulation the sites are known (``site_ids``: every node sees
+the same data root) and no node is asked: the server assigns them, either one
+site per node (``cohort=False``, the reference) or, with ``cohort=True``, the
+round's sites spread over the nodes, one message per node naming its sites
+(:data:`client.wire.COHORT_SITES`). A cohort reply is taken apart into one
+reply per site, and each is checked, bounded and aggregated exactly as a
+site's own reply would be.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ import math
 import secrets
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -67,6 +75,51 @@ from server.state import (
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
            torch.bfloat16: "bfloat16", torch.int64: "int64", torch.int32: "int32"}
+
+
+@dataclass(frozen=True)
+class SiteReply:
+    """One site's part of a reply: its own message, or its share of a cohort reply."""
+
+    key: Any  # what the instruction was recorded under: the node id, or (node id, site id)
+    node: int
+    site_id: str | None  # named by the reply (cohort), else looked up from ``key``
+    content: RecordDict | None  # None when it is an error
+    error_reason: str = ""
+    error_code: int = 0
+    reply_to: str = ""
+
+
+def site_replies(msg: Message, *, node: int | None = None) -> Iterator[SiteReply]:
+    """The per-site replies a message carries (one, unless it answers a cohort instruction).
+
+    ``node``: the node the reply stands for, when not its sender (the SuperLink answers for a lost node).
+    """
+    node = msg.metadata.src_node_id if node is None else node
+    reply_to = msg.metadata.reply_to_message_id
+    if msg.has_error():
+        yield SiteReply(node, node, None, None, str(msg.error.reason), int(msg.error.code), reply_to)
+        return
+    content = msg.content
+    if wire.COHORT_ERRORS not in content.config_records:
+        yield SiteReply(node, node, None, content, reply_to=reply_to)
+        return
+    errors = content.config_records[wire.COHORT_ERRORS]
+    codes = content.config_records.get(wire.COHORT_ERROR_CODES, ConfigRecord())
+    for site_id, reason in errors.items():
+        yield SiteReply((node, site_id), node, site_id, None, str(reason), int(codes.get(site_id, 0) or 0), reply_to)
+    echo = content.config_records.get(wire.REPLY)
+    prefixes = (f"{wire.ARRAYS}/", f"{wire.METRICS}/")
+    names = {k.split("/", 1)[1] for k in content if k.startswith(prefixes)}
+    for site_id in sorted(names - set(errors)):
+        part = RecordDict()
+        for record in (wire.ARRAYS, wire.METRICS):
+            key = wire.cohort_key(record, site_id)
+            if key in content:
+                part[record] = content[key]
+        if echo is not None:
+            part[wire.REPLY] = echo
+        yield SiteReply((node, site_id), node, site_id, part, reply_to=reply_to)
 
 
 def is_due(server_round: int, every: int, total: int) -> bool:
@@ -133,6 +186,8 @@ class MetaStrategy(FedAvg):
         federated_eval: bool = False,
         discovery_timeout: float | None = None,
         run_id: str = "",
+        site_ids: Sequence[str] | None = None,
+        cohort: bool = False,
     ) -> None:
         fed = config.federation
         super().__init__(
@@ -151,7 +206,8 @@ class MetaStrategy(FedAvg):
         self.aggregator: Aggregator = aggregator or WeightedMean()
         if state.aggregator_state:
             self.aggregator.load_state_dict(state.aggregator_state)
-        self.expected_nodes = max(expected_nodes, fed.min_sites)
+        # In a cohort the nodes are workers, not sites: federation.min_sites counts sites.
+        self.expected_nodes = max(expected_nodes, 1 if cohort else fed.min_sites)
         self.round_offset = round_offset
         self.federated_eval = federated_eval
         self.discovery_timeout = fed.discovery_timeout if discovery_timeout is None else discovery_timeout
@@ -160,8 +216,15 @@ class MetaStrategy(FedAvg):
         self._queried = False  # the first site query has been sent
         self._eval_sites = 1  # sites asked to evaluate this round
         self.node_sites: dict[int, str] = {}  # node id -> site id
+        # Simulation: the sites, known without asking; cohort: the nodes that share them out.
+        self.site_ids = sorted(map(str, site_ids)) if site_ids is not None else None
+        self.cohort = bool(cohort)
+        if self.cohort and self.site_ids is None:
+            raise ValueError("cohort execution needs the site ids (simulation): pass site_ids=")
+        self._cohort_nodes: list[int] = []
         self.rounds: dict[int, dict[str, Any]] = {}  # per-round record
-        self._sent: dict[tuple[int, str], dict[int, tuple[str, int]]] = {}  # (round, kind) -> node -> (site, episodes)
+        # (round, kind) -> node (or (node, site) in a cohort) -> (site, episodes)
+        self._sent: dict[tuple[int, str], dict[Any, tuple[str, int]]] = {}
         self._dtypes = {k: _DTYPES.get(v.dtype, str(v.dtype).replace("torch.", "")) for k, v in state.params.items()}
         self.reply_cap = reply_byte_cap(state.params, config.replies.max_bytes)
         self.replay = ReplayGuard(config.replies.replay_window)
@@ -169,10 +232,11 @@ class MetaStrategy(FedAvg):
         # unchanged model is not a replay), the instructions sent (their message ids).
         self._nonce: dict[int, str] = {}
         self._theta_digest: dict[int, bytes] = {}
-        self._instructions: dict[int, dict[int, Message]] = {}
+        self._instructions: dict[int, dict[Any, Message]] = {}
         # (round, kind) -> the messages sent: an error reply that the SuperLink
         # makes for a lost node names that node only through the message it answers.
         self._outbox: dict[tuple[int, str], list[Message]] = {}
+        self._outbox_nodes: dict[tuple[int, str], dict[str, int]] = {}  # message id -> node, built once
         # Under client-level DP only bounds that depend on a site's own update apply.
         self._relative_bound = not config.privacy.client.enabled
 
@@ -219,12 +283,40 @@ class MetaStrategy(FedAvg):
         round trained on zero sites. Later queries (nodes that did not answer
         yet) wait at most a round's timeout.
         """
+        node_ids = self.wait_for_nodes(grid)
+        if self.site_ids is not None:
+            return self.assign(node_ids)
+        return self.query_sites(grid, node_ids)
+
+    def assign(self, node_ids: list[int]) -> list[tuple[str, int]]:
+        """Simulation: the known sites, without asking the nodes.
+
+        One site per node (the i-th site to the i-th node by id), or, in a
+        cohort, every site with its index (the round's sample is shared out
+        over the nodes when the messages are made).
+        """
+        nodes = sorted(node_ids)
+        if self.cohort:
+            self._cohort_nodes = nodes
+            return [(s, i) for i, s in enumerate(self.site_ids)]
+        if not self.node_sites:
+            if len(nodes) < len(self.site_ids):
+                log(WARNING, "%d nodes for %d sites: the last %d sites are left out", len(nodes),
+                    len(self.site_ids), len(self.site_ids) - len(nodes))
+            self.node_sites = dict(zip(nodes, self.site_ids))
+            log(INFO, "%d sites assigned to nodes (no site query: a simulation)", len(self.node_sites))
+        live = set(node_ids)
+        return sorted((s, n) for n, s in self.node_sites.items() if n in live)
+
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """The connected node ids, once enough are (see :meth:`discover`)."""
         start = time.monotonic()
         deadline = start + self.discovery_timeout
-        want = self.expected_nodes if not self._waited else self.config.federation.min_sites
+        min_nodes = 1 if self.cohort else self.config.federation.min_sites
+        want = self.expected_nodes if not self._waited else min_nodes
         while len(node_ids := list(grid.get_node_ids())) < want:
             now = time.monotonic()
-            if now - start > self.node_grace and len(node_ids) >= self.config.federation.min_sites:
+            if now - start > self.node_grace and len(node_ids) >= min_nodes:
                 log(
                     WARNING,
                     "%d of %d expected sites connected after %.0fs: going on with them (in a "
@@ -241,8 +333,12 @@ class MetaStrategy(FedAvg):
                     f"'num-supernodes={want}')"
                 )
             time.sleep(0.1)
-        first = not self._queried
         self._waited = True
+        return node_ids
+
+    def query_sites(self, grid: Grid, node_ids: list[int]) -> list[tuple[str, int]]:
+        """Ask the nodes not seen yet which site they serve (see :meth:`discover`)."""
+        first = not self._queried
         new = [n for n in node_ids if n not in self.node_sites]
         if new:
             queries = [
@@ -302,10 +398,14 @@ class MetaStrategy(FedAvg):
         )
 
     def _messages(self, kind: str, server_round: int, arrays: ArrayRecord, chosen, make_config) -> list[Message]:
+        if self.cohort:
+            return self._cohort_messages(kind, server_round, arrays, chosen, make_config)
         sent: dict[int, tuple[str, int]] = {}
         messages = []
         for site_id, node_id in chosen:
             config = make_config(server_round, site_id)
+            if self.site_ids is not None:  # a simulated node serves the site it is told to
+                config[wire.SITE_FOR] = site_id
             sent[node_id] = (site_id, int(config["episodes"]))
             messages.append(
                 Message(
@@ -316,10 +416,40 @@ class MetaStrategy(FedAvg):
                 )
             )
         self._sent[(server_round, kind)] = sent
-        self._outbox[(server_round, kind)] = messages
+        self._remember_outbox(server_round, kind, messages)
         if kind == MessageType.TRAIN:
             # The grid stamps message ids on these objects when it pushes them.
             self._instructions[server_round] = {m.metadata.dst_node_id: m for m in messages}
+        self.record(server_round)["bytes_sent"] += wire.record_nbytes(arrays) * len(messages)
+        return messages
+
+    def _cohort_messages(self, kind: str, server_round: int, arrays: ArrayRecord, chosen,
+                         make_config) -> list[Message]:
+        """One message per node naming its share of the round's sites (dealt out in turn, by site id)."""
+        nodes = self._cohort_nodes
+        shares: dict[int, list[str]] = {n: [] for n in nodes}
+        for j, (site_id, _) in enumerate(chosen):
+            shares[nodes[j % len(nodes)]].append(site_id)
+        sent: dict[tuple[int, str], tuple[str, int]] = {}
+        instructions: dict[tuple[int, str], Message] = {}
+        messages = []
+        for node_id, share in shares.items():
+            if not share:
+                continue
+            configs = [make_config(server_round, site_id) for site_id in share]
+            common = {k: v for k, v in configs[0].items() if k != "seed"}
+            config = ConfigRecord({**common, wire.COHORT_SITES: share,
+                                   wire.COHORT_SEEDS: [int(c["seed"]) for c in configs]})
+            message = Message(RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}), dst_node_id=node_id,
+                              message_type=kind, group_id=str(server_round))
+            messages.append(message)
+            for site_id, c in zip(share, configs):
+                sent[(node_id, site_id)] = (site_id, int(c["episodes"]))
+                instructions[(node_id, site_id)] = message
+        self._sent[(server_round, kind)] = sent
+        self._remember_outbox(server_round, kind, messages)
+        if kind == MessageType.TRAIN:
+            self._instructions[server_round] = instructions
         self.record(server_round)["bytes_sent"] += wire.record_nbytes(arrays) * len(messages)
         return messages
 
@@ -340,6 +470,20 @@ class MetaStrategy(FedAvg):
         self._theta_digest = {r: record_digest(arrays, self.state.params)}
         return self._messages(MessageType.TRAIN, r, arrays, chosen, self.train_config)
 
+    def _site_parts(self, replies: Iterable[Message], sent: dict[Any, tuple[str, int]], *, server_round: int,
+                    kind: str) -> Iterator[SiteReply]:
+        """Each site's reply; a cohort node's error reply stands for every site it was sent."""
+        for msg in replies:
+            for part in site_replies(msg, node=self.origin(msg, server_round, kind)):
+                if part.content is None and part.key not in sent:
+                    keys = [k for k in sent if isinstance(k, tuple) and k[0] == part.node]
+                    if keys:
+                        for key in keys:
+                            yield SiteReply(key, part.node, key[1], None, part.error_reason, part.error_code,
+                                            part.reply_to)
+                        continue
+                yield part
+
     def _reject(
         self, rec: dict[str, Any], server_round: int, site_id: str, node: int, kind: str, reason: str,
         check: str | None = None,
@@ -351,6 +495,13 @@ class MetaStrategy(FedAvg):
         rec["failures"].append({"site": site_id, "kind": kind, "reason": reason})
         log(WARNING, "round %d: %s reply from site %s (node %d) dropped: %s", server_round, kind, site_id, node, reason)
 
+    def _remember_outbox(self, server_round: int, kind: str, messages: list[Message]) -> None:
+        """Keep this round's instructions of ``kind`` (and forget earlier rounds' of that kind)."""
+        for book in (self._outbox, self._outbox_nodes):
+            for key in [k for k in book if k[1] == kind]:
+                del book[key]
+        self._outbox[(server_round, kind)] = messages
+
     def origin(self, msg: Message, server_round: int, kind: str) -> int:
         """The node a reply stands for.
 
@@ -360,22 +511,24 @@ class MetaStrategy(FedAvg):
         under its own site id (a failure, not also missing).
         """
         node = msg.metadata.src_node_id
-        sent = self._sent.get((server_round, kind), {})
-        if node in sent:
-            return node
         asked = msg.metadata.reply_to_message_id
-        for instruction in self._outbox.get((server_round, kind), []):
-            if asked and instruction.metadata.message_id == asked:
-                return instruction.metadata.dst_node_id
-        return node
+        if not asked:
+            return node
+        key = (server_round, kind)
+        nodes = self._outbox_nodes.get(key)
+        if nodes is None:  # the grid stamps message ids when it pushes: read them once, at the first reply
+            nodes = self._outbox_nodes[key] = {
+                m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox.get(key, [])
+            }
+        return nodes.get(asked, node)
 
-    def check_round_binding(self, msg: Message, server_round: int, node: int) -> str | None:
-        """None when ``msg`` answers this round's instruction to ``node``, else why not."""
-        instruction = self._instructions.get(server_round, {}).get(node)
+    def check_round_binding(self, reply: SiteReply, server_round: int) -> str | None:
+        """None when ``reply`` answers this round's instruction to its node (and site), else why not."""
+        instruction = self._instructions.get(server_round, {}).get(reply.key)
         sent_id = instruction.metadata.message_id if instruction is not None else ""
-        if sent_id and msg.metadata.reply_to_message_id != sent_id:
-            return f"replies to message {msg.metadata.reply_to_message_id!r}, not this round's instruction"
-        echo = msg.content.config_records.get(wire.REPLY)
+        if sent_id and reply.reply_to != sent_id:
+            return f"replies to message {reply.reply_to!r}, not this round's instruction"
+        echo = reply.content.config_records.get(wire.REPLY)
         if echo is None:
             return f"no ConfigRecord '{wire.REPLY}' echoing the round and its nonce"
         want = self._nonce.get(server_round, "")
@@ -384,13 +537,12 @@ class MetaStrategy(FedAvg):
         return None
 
     def validate_train_reply(
-        self, msg: Message, episodes_sent: int
+        self, content: RecordDict, episodes_sent: int
     ) -> tuple[tree.Tree, int, dict[str, float], list[str]] | str:
         """``(phi, episodes, metrics, dropped metric names)`` for a well-formed reply, else why it is not.
 
         Metrics outside their plausible range are left out of ``metrics`` and named in the last item.
         """
-        content = msg.content
         arrays = content.array_records
         if set(arrays) != {wire.ARRAYS}:
             return f"expected one ArrayRecord named '{wire.ARRAYS}', got {sorted(arrays)}"
@@ -433,32 +585,32 @@ class MetaStrategy(FedAvg):
         rec = self.record(r)
         sent = self._sent.get((r, MessageType.TRAIN), {})
         checked_replies: list[tuple[str, int, tree.Tree, int, dict[str, float], bytes]] = []
-        answered: set[int] = set()
-        for msg in replies:
-            node = self.origin(msg, r, MessageType.TRAIN)
-            site_id, episodes = sent.get(node, (self.node_sites.get(node, f"node-{node}"), 0))
-            if msg.has_error():
-                if node in answered:
-                    continue  # a second answer for one site: it counts once
-                self._reject(rec, r, site_id, node, "error", str(msg.error.reason))
-                answered.add(node)
+        answered: set[Any] = set()
+        for reply in self._site_parts(replies, sent, server_round=r, kind=MessageType.TRAIN):
+            node, key = reply.node, reply.key
+            site_id, episodes = sent.get(key, (reply.site_id or self.node_sites.get(node, f"node-{node}"), 0))
+            if reply.content is None:
+                if key in answered:
+                    continue  # a second answer for one site (the SuperLink's, for a lost node): it counts once
+                self._reject(rec, r, site_id, node, "error", reply.error_reason)
+                answered.add(key)
                 continue
-            rec["bytes_received"] += sum(wire.record_nbytes(a) for a in msg.content.array_records.values())
-            if node not in sent or node in answered:
+            rec["bytes_received"] += sum(wire.record_nbytes(a) for a in reply.content.array_records.values())
+            if key not in sent or key in answered:
                 self._reject(rec, r, site_id, node, "invalid", "not sampled this round, or a second reply")
                 continue
-            answered.add(node)
-            size = reply_nbytes(msg.content)
+            answered.add(key)
+            size = reply_nbytes(reply.content)
             if size > self.reply_cap:  # before anything is decoded
                 self._reject(rec, r, site_id, node, "invalid",
                              f"the reply carries {size} bytes, over the cap of {self.reply_cap} (1.5 x the model's "
                              "bytes plus 64 KiB unless replies.max_bytes is set)", check="oversized")
                 continue
-            unbound = self.check_round_binding(msg, r, node)
+            unbound = self.check_round_binding(reply, r)
             if unbound is not None:
                 self._reject(rec, r, site_id, node, "invalid", unbound, check="wrong_round")
                 continue
-            checked = self.validate_train_reply(msg, episodes)
+            checked = self.validate_train_reply(reply.content, episodes)
             if isinstance(checked, str):
                 self._reject(rec, r, site_id, node, "invalid", checked)
                 continue
@@ -467,7 +619,7 @@ class MetaStrategy(FedAvg):
                 rec["metrics_dropped"] += len(dropped)
                 log(WARNING, "round %d: site %s reported metrics out of range, dropped: %s", r, site_id,
                     ", ".join(dropped[:10]))
-            digest = record_digest(msg.content[wire.ARRAYS], self.state.params)
+            digest = record_digest(reply.content[wire.ARRAYS], self.state.params)
             checked_replies.append((site_id, node, phi, n, metrics, digest))
 
         checked_replies.sort(key=lambda u: u[0])  # fixed summation order: bit-identical reruns
@@ -496,6 +648,7 @@ class MetaStrategy(FedAvg):
         rec["sites_missing"] = len(set(sent) - answered)
         self._instructions.pop(r, None)
         self._outbox.pop((r, MessageType.TRAIN), None)
+        self._outbox_nodes.pop((r, MessageType.TRAIN), None)
 
         deltas = bounded.deltas
         weights = [float(n) for _, _, _, n, _, _ in updates]
@@ -567,19 +720,19 @@ class MetaStrategy(FedAvg):
         results: list[tuple[int, dict[str, float]]] = []
         failed = invalid = 0
         private: list[str] = []  # sites under record-level DP refuse: not a failure
-        for msg in replies:
-            node = self.origin(msg, r, MessageType.EVALUATE)
-            site_id, episodes = sent.get(node, (self.node_sites.get(node, f"node-{node}"), 0))
-            if msg.has_error() and msg.error.code == wire.PRIVATE_SITE_REFUSED:
+        for reply in self._site_parts(replies, sent, server_round=r, kind=MessageType.EVALUATE):
+            node, key = reply.node, reply.key
+            site_id, episodes = sent.get(key, (reply.site_id or self.node_sites.get(node, f"node-{node}"), 0))
+            if reply.content is None and reply.error_code == wire.PRIVATE_SITE_REFUSED:
                 private.append(site_id)
                 continue
-            if msg.has_error():
+            if reply.content is None:
                 failed += 1
-                log(WARNING, "round %d: evaluation at site %s failed: %s", r, site_id, msg.error.reason)
+                log(WARNING, "round %d: evaluation at site %s failed: %s", r, site_id, reply.error_reason)
                 continue
-            metrics = msg.content.metric_records.get(wire.METRICS)
+            metrics = reply.content.metric_records.get(wire.METRICS)
             n = metrics.get(wire.NUM_EXAMPLES) if metrics is not None else None
-            if node not in sent or not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= episodes:
+            if key not in sent or not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= episodes:
                 invalid += 1
                 log(WARNING, "round %d: evaluation reply from site %s dropped (num-examples %r)", r, site_id, n)
                 continue

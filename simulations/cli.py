@@ -1,6 +1,7 @@
 """The ``metafed`` command.
 
-    metafed simulate      [--config FILE] [--set section.key=value ...] [--resume RUN_DIR] [--verbose]
+    metafed simulate      [--config FILE] [--set section.key=value ...] [--resume RUN_DIR] [--ray-address ADDR]
+                          [--verbose]
     metafed make-data     [--config FILE] [--set section.key=value ...] [--out DIR]
     metafed compare       [--config FILE] [--set ...] [--algorithms fedavg,reptile,...]
     metafed privacy-sweep [--config FILE] [--set ...] [--epsilons inf,8,4,2,1] [--levels record,client]
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set federation.rounds=10 (repeatable)")
     sim.add_argument("--resume", metavar="RUN_DIR",
                      help="continue a run from its latest checkpoint (uses RUN_DIR/config.yaml plus --set)")
+    sim.add_argument("--ray-address", metavar="ADDR",
+                     help="attach to a running Ray cluster (host:6379, ray://host:10001 or auto) instead of "
+                          "starting a local one: the same as --set runtime.ray_address=ADDR")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
     cmp_ = sub.add_parser("compare", help="each algorithm under the same seed, sites and rounds")
@@ -205,6 +209,8 @@ def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
         if args.command == "simulate":
+            if args.ray_address is not None:
+                args.overrides = [*args.overrides, f"runtime.ray_address={args.ray_address}"]
             if args.resume:
                 if args.config:
                     raise ConfigError(

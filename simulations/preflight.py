@@ -88,6 +88,7 @@ def check(
             f"{Path(config.data.root) / 'train'}: the run would wait for sites that never come; "
             f"set federation.min_sites to at most {len(train)}, or add sites"
         )
+    _check_unique_site_ids([*train, *sites.test_site_dirs(config.data.root)])
 
     from common.task import Task  # the engine: torch and the model code
 
@@ -202,3 +203,20 @@ def _invalid_sites(task: Any, paths: list[Path]) -> list[tuple[Path, str]]:
         except ValueError as err:  # SiteDataError, and anything the reader refuses
             invalid.append((path, str(err)))
     return invalid
+
+
+def _check_unique_site_ids(site_dirs: list[Path]) -> None:
+    """One identifier per site: sampling, seeds, ledgers and metrics key on the manifest's ``site_id``."""
+    seen: dict[str, Path] = {}
+    for path in site_dirs:
+        site_id = sites.manifest_site_id(Path(path).resolve())
+        if site_id is None:
+            continue  # an unreadable manifest: the site's own validation says what is wrong
+        if site_id in seen:
+            raise ConfigError(
+                f"{seen[site_id]} and {path} both declare site_id {site_id!r} in their manifest.yaml: a site has "
+                "one identifier (its sampling, seeds, privacy ledger and metrics key on it); give each site "
+                "folder its own site_id"
+            )
+        seen[site_id] = path
+

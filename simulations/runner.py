@@ -3,8 +3,15 @@
 Flower's in-process simulation engine (:mod:`simulations.flower_engine`) passes an empty run config to the apps, so
 the resolved :class:`Config` is bound into them: the ServerApp runs in a thread
 of this process, and the ClientApp object (with the config in its closure) is
-shipped to the Ray workers. One worker per ``runtime.num_cpus`` cores, one
-supernode per train site.
+shipped to the Ray workers. One worker per ``runtime.num_cpus`` cores; one
+supernode per train site, or (``runtime.cohort``) one per worker, each
+training its share of the round's sites. The server knows the sites (it sees
+the same data root): no node is asked which site it serves.
+
+``runtime.ray_address`` attaches to a running Ray cluster (``ray start
+--head`` on one machine, ``ray start --address`` on the others; every machine
+needs the code, the environment and the data root at the same paths) instead
+of starting a local Ray.
 """
 
 from __future__ import annotations
@@ -73,10 +80,62 @@ def backend_config(config: Config) -> dict[str, Any]:
             )
     if rt.num_cpus <= 0:
         raise ConfigError(f"runtime.num_cpus must be > 0; got {rt.num_cpus}")
+    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False}
+    if rt.ray_address:
+        init_args["address"] = rt.ray_address
     return {
         "client_resources": {"num_cpus": float(rt.num_cpus), "num_gpus": float(rt.num_gpus)},
-        "init_args": {"logging_level": "ERROR", "log_to_driver": False},
+        "init_args": init_args,
     }
+
+
+def check_ray_address(address: str) -> None:
+    """A clear error, before anything starts, when no Ray cluster answers at ``address``."""
+    if not address or address == "auto" or address.startswith("ray://"):
+        return  # auto: Ray's own search and error; ray://: a client connection, checked by ray.init
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"runtime.ray_address={address!r}: expected host:port (the head's GCS, 6379 by default), "
+                          "ray://host:10001 or auto")
+    import socket
+
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except OSError as err:
+        raise ConfigError(f"runtime.ray_address={address!r}: no Ray cluster answers there ({err}); start one "
+                          "with `ray start --head`, or leave runtime.ray_address empty for a local Ray") from None
+
+
+def cohort_nodes(config: Config) -> int:
+    """How many nodes share the sites out in cohort mode: ``runtime.cohort_nodes``, or one per worker.
+
+    Workers are counted as Flower's pool does (cores / ``runtime.num_cpus``), on
+    this machine, or on the cluster once attached to one.
+    """
+    rt = config.runtime
+    if rt.cohort_nodes > 0:
+        return int(rt.cohort_nodes)
+    if rt.ray_address:
+        import ray
+        from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+        if not ray.is_initialized():
+            init_ray(config)
+        return max(1, pool_size_from_resources({"num_cpus": rt.num_cpus, "num_gpus": rt.num_gpus}))
+    return max(1, int((os.cpu_count() or 1) // rt.num_cpus))
+
+
+def init_ray(config: Config) -> None:
+    """``ray.init`` as Flower's backend does it (the workers get this process's import path)."""
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
+             **backend_config(config)["init_args"])
 
 
 def simulate(
@@ -98,6 +157,7 @@ def simulate(
     # Every input error is found here, before Ray, Flower or a run directory exists.
     checked = preflight.check(config, resume_dir=resume_dir)
     train, backend = checked.train_sites, checked.backend
+    check_ray_address(config.runtime.ray_address)
     if resume_dir is not None:
         run_dir = Path(resume_dir).resolve()
 
@@ -113,7 +173,9 @@ def simulate(
     if resume_dir is None:
         run_dir = make_run_dir(config)
     print(f"run directory: {run_dir}", flush=True)
-    print(f"{len(train)} train sites, {config.federation.rounds} rounds", flush=True)
+    nodes = cohort_nodes(config) if config.runtime.cohort else len(train)
+    how = f" in cohorts over {nodes} nodes" if config.runtime.cohort else ""
+    print(f"{len(train)} train sites{how}, {config.federation.rounds} rounds", flush=True)
 
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.addFilter(_DropDeprecationBanner())
@@ -128,8 +190,8 @@ def simulate(
     # Set once the ServerApp has finished: a site call still running then is stopped.
     server_done = threading.Event()
     server_app = make_server_app(
-        config, run_dir=run_dir, resume=resume_dir is not None, on_round=progress, expected_nodes=len(train),
-        on_exit=server_done.set,
+        config, run_dir=run_dir, resume=resume_dir is not None, on_round=progress, expected_nodes=nodes,
+        on_exit=server_done.set, site_ids=[sites.manifest_site_id(p) or p.name for p in train],
     )
     client_app = (client_app_factory or make_client_app)(config)
     fed = config.federation
@@ -139,7 +201,7 @@ def simulate(
     try:
         with resilient_backend(release=server_done, call_timeout=call_timeout):
             flower_engine.run_in_process(
-                server_app=server_app, client_app=client_app, num_supernodes=len(train),
+                server_app=server_app, client_app=client_app, num_supernodes=nodes,
                 backend_config=backend, verbose=verbose,
             )
     except Exception as err:  # noqa: BLE001 - reported, and the exit code says so

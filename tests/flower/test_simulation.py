@@ -377,3 +377,49 @@ def test_a_failing_server_app_exits_non_zero(smoke_data, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "injected ServerApp failure" in summary["reason"]
     assert summary["rounds"] == 1  # the round before the failure is kept
+
+
+# ------------------------------------------------------------ cohort execution, an existing Ray cluster
+def test_simulation_attaches_to_a_running_ray_cluster(run_s, smoke_data, tmp_path):
+    """``ray start --head`` here, ``--ray-address`` to it: the run uses that cluster and leaves it running.
+
+    It runs in cohorts (one node per worker of the cluster) and reaches exactly
+    the model of run S (one node per site, a local Ray).
+    """
+    ray_bin = BIN / "ray"
+    if not ray_bin.exists():
+        pytest.skip("the ray command is not installed beside this Python")
+    tmpdir = ray_tmpdir()
+    port = free_port()
+    env = {**os.environ, "RAY_TMPDIR": tmpdir, "RAY_USAGE_STATS_ENABLED": "0"}
+    started = subprocess.run(
+        [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         f"--temp-dir={tmpdir}", "--disable-usage-stats"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    try:
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        head = ray_processes(tmpdir)
+        exe = BIN / "metafed"
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "simulations.cli"]
+        proc = subprocess.run(
+            [*cmd, "simulate", "--config", str(SMOKE), "--set", f"data.root={smoke_data}",
+             "--set", f"output_dir={tmp_path}", "--set", "runtime.cohort=true", "--ray-address", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, cwd=ROOT, timeout=400, env=env,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        assert "3 train sites in cohorts over 2 nodes" in proc.stdout  # the cluster's 2 CPUs: 2 workers
+        assert head <= ray_processes(tmpdir)  # the cluster outlives the run that attached to it
+        (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+        reference, params = final_params(run_s[1]), final_params(run_dir)
+        assert all(torch.equal(params[k], reference[k]) for k in reference)
+    finally:  # this cluster's processes only (``ray stop`` would stop every Ray on the machine)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in ray_processes(tmpdir):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2)
+        assert_ray_gone(tmpdir)
+

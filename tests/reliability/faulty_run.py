@@ -63,7 +63,8 @@ def make_faulty_client_app(config: Config, record_dir: str | Path) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        site_id = sites.site_ref(config, context.node_config).site_id
+        named = str(msg.content[wire.CONFIG].get(wire.SITE_FOR, ""))  # the site the server assigned this node
+        site_id = sites.site_ref(config, context.node_config, site_id=named).site_id
         r = int(msg.content[wire.CONFIG]["round"])
         case = SCHEDULE[r] if site_id == ATTACKER else "honest"
         if case == "raises":

@@ -31,7 +31,8 @@ def make_faulty_app(config, faults: dict[str, tuple[str, list[int]]]):
 
     @app.train()
     def train(msg, context):
-        site_id = sites.site_ref(config, context.node_config).site_id
+        named = str(msg.content["config"].get("site-id", ""))  # the site the server assigned this node
+        site_id = sites.site_ref(config, context.node_config, site_id=named).site_id
         kind, rounds = faults.get(site_id, ("", []))
         if int(msg.content["config"]["round"]) in rounds:
             print(f"fault: site {site_id} {kind} in round {msg.content['config']['round']}", flush=True)
