@@ -8,7 +8,8 @@ train sites, ``--sites-per-round`` sampled each round, no meta-test or
 checkpoint until the last round, in a temporary folder. Every ``--interval``
 seconds it adds up the resident set size (``VmRSS``) of the command's process
 (the ServerApp and Flower's simulation engine run there) and, apart, of all its
-descendants (Ray's GCS, raylet, agents and the site workers), tagged with the
+descendants (Ray's GCS, raylet, agents and the site workers; ``--out`` keeps
+them by process name too), tagged with the
 number of rounds ``metrics.jsonl`` holds at that moment. It prints, for each
 tenth of the rounds, the median of those samples, and the growth from the
 second tenth to the last. Left out: the samples before the first round ends
@@ -38,6 +39,14 @@ def _rss_kib(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def _name(pid: int) -> str:
+    """The process's name (``/proc/<pid>/comm``: e.g. ``raylet``, ``gcs_server``, ``ray::ClientAppA``)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
 
 
 def _children() -> dict[int, list[int]]:
@@ -98,9 +107,13 @@ def main(argv: list[str] | None = None) -> None:
         def sample() -> None:
             while not done.wait(args.interval):
                 kids = descendants(proc.pid)
+                by_name: dict[str, float] = {}
+                for p in kids:
+                    by_name[_name(p)] = by_name.get(_name(p), 0.0) + _rss_kib(p) / 1024
                 samples.append({"t": round(time.perf_counter() - t0, 2), "round": rounds_done(out),
                                 "command_mib": _rss_kib(proc.pid) / 1024,
-                                "descendants_mib": sum(_rss_kib(p) for p in kids) / 1024, "processes": len(kids)})
+                                "descendants_mib": sum(by_name.values()), "processes": len(kids),
+                                "by_name_mib": by_name})
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
