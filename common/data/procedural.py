@@ -40,7 +40,9 @@ classes train, the rest are held out). Everything is a deterministic function
 of ``DataConfig.seed``; each site draws from its own seeded
 ``numpy.random.Generator`` streams, so a site does not change when more sites
 are generated. Rendering is batched (one pass of torch ops per site and
-modality), so the default 100 + 20 sites take seconds.
+modality), so the default 100 + 20 sites take seconds; ``workers=N`` writes
+the sites in N forked processes (``metafed make-data --workers``), and a
+site's files are the same byte for byte whichever process writes it.
 """
 
 from __future__ import annotations
@@ -511,7 +513,7 @@ def _write_one_site(protos: _Prototypes, config: DataConfig, out: Path, split: s
     )
 
 
-# A worker process's share of the job, set once by :func:`_start_worker`.
+# What a worker process renders from, set once by :func:`_start_worker`.
 _WORKER: dict = {}
 # Sites per task sent to a worker: large enough that the messages cost nothing
 # next to rendering (about 15 ms a site), small enough for a smooth progress bar
