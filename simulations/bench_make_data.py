@@ -11,7 +11,8 @@ sites in this process: CPU milliseconds per site spent rendering, validating,
 writing the ``.npy`` files and writing the manifest.
 
 Each row gives wall seconds, sites per second, CPU seconds per site (this
-process and its workers), the 1-minute load average before and after (the
+process and its workers), the cores it kept busy on average (CPU over wall
+seconds: what a shared machine let it have), the 1-minute load average before and after (the
 machine may be shared: CPU seconds per site are the steadier figure) and the
 time projected for 10,000 sites at that rate.
 """
@@ -128,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             for step, ms in profile.items():
                 print(f"  {step:<20} {ms:7.2f}  {100 * ms / total:5.1f}%")
             print(f"  {'total':<20} {total:7.2f}", flush=True)
-        print(f"\n| sites | workers | wall s | sites/s | CPU s/site | load before/after | MB/site | "
+        print(f"\n| sites | workers | wall s | sites/s | CPU s/site | cores busy | load before/after | MB/site | "
               f"projected {PROJECTED_SITES:,} |")
-        print("|---:|---:|---:|---:|---:|---|---:|---:|", flush=True)
+        print("|---:|---:|---:|---:|---:|---:|---|---:|---:|", flush=True)
         ratios: list[float] = []
         parallel_rates: list[float] = []
         for sites in [args.sites] + ([PROJECTED_SITES] if args.full and args.sites != PROJECTED_SITES else []):
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     rate = row["sites"] / row["wall"]
                     pair.append(rate)
                     print(f"| {sites:,} | {workers} | {row['wall']:.1f} | {rate:.1f} | {row['cpu'] / sites:.4f} | "
-                          f"{row['load_before']:.1f} / {row['load_after']:.1f} | {row['bytes'] / sites / 1e6:.2f} | "
+                          f"{row['cpu'] / row['wall']:.2f} | {row['load_before']:.1f} / {row['load_after']:.1f} | {row['bytes'] / sites / 1e6:.2f} | "
                           f"{PROJECTED_SITES / rate:.0f} s |", flush=True)
                 ratios.append(pair[1] / pair[0])
                 parallel_rates.append(pair[1])
