@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                     rate = row["sites"] / row["wall"]
                     pair.append(rate)
                     print(f"| {sites:,} | {workers} | {row['wall']:.1f} | {rate:.1f} | {row['cpu'] / sites:.4f} | "
-                          f"{row['cpu'] / row['wall']:.2f} | {row['load_before']:.1f} / {row['load_after']:.1f} | {row['bytes'] / sites / 1e6:.2f} | "
-                          f"{PROJECTED_SITES / rate:.0f} s |", flush=True)
+                          f"{row['cpu'] / row['wall']:.2f} | {row['load_before']:.1f} / {row['load_after']:.1f} | "
+                          f"{row['bytes'] / sites / 1e6:.2f} | {PROJECTED_SITES / rate:.0f} s |", flush=True)
                 ratios.append(pair[1] / pair[0])
                 parallel_rates.append(pair[1])
         rate = statistics.median(parallel_rates)
