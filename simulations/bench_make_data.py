@@ -105,7 +105,8 @@ def timed_run(config: DataConfig, *, sites: int, workers: int, scratch: Path) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench_make_data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench_make_data",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", type=int, default=1000, help="sites per run (default 1000)")
     parser.add_argument("--full", action="store_true", help=f"also write {PROJECTED_SITES:,} sites each way")
     parser.add_argument("--workers", type=int, default=procedural.available_cores(),

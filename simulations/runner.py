@@ -208,7 +208,11 @@ def report_summary(run_dir: Path) -> int:
 
 
 def make_data(
-    config: Config, out: str | Path | None = None, *, workers: int = 1, progress: Callable[[int, int, str], None] | None = None
+    config: Config,
+    out: str | Path | None = None,
+    *,
+    workers: int = 1,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> list[Path]:
     """Write the procedural benchmark's site directories; return the data root's children.
 
