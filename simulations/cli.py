@@ -2,7 +2,7 @@
 
     metafed simulate      [--config FILE] [--set section.key=value ...] [--resume RUN_DIR] [--ray-address ADDR]
                           [--verbose]
-    metafed make-data     [--config FILE] [--set section.key=value ...] [--out DIR]
+    metafed make-data     [--config FILE] [--set section.key=value ...] [--out DIR] [--workers N]
     metafed compare       [--config FILE] [--set ...] [--algorithms fedavg,reptile,...]
     metafed privacy-sweep [--config FILE] [--set ...] [--epsilons inf,8,4,2,1] [--levels record,client]
     metafed plan-privacy  [--config FILE] [--set ...] --target-epsilon 4 [--level record|client]
@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--config", help="YAML experiment file (its data section is used)")
     data.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     data.add_argument("--out", help="data root to write (default: data.root of the config)")
+    data.add_argument("--workers", type=_workers, default=None, metavar="N",
+                      help="processes writing the sites (default: the cores this process may use); "
+                      "the files are the same for any N")
 
     data_commands.add_parsers(sub)
     return parser
@@ -115,6 +118,16 @@ def _is_input_error(err: ValueError) -> bool:
         if module in sys.modules:
             kinds.append(getattr(sys.modules[module], name))
     return isinstance(err, tuple(kinds))
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes >= 1, got {text!r}")
+    return value
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -245,10 +258,12 @@ def _main(argv: list[str] | None) -> int:
             print("\n".join(f"wrote {p}" for p in written))
             return EXIT_OK
         if args.command == "make-data":
+            from common.data.procedural import available_cores
             from simulations.runner import make_data
 
             config = load(args.config, overrides=args.overrides)
-            for path in make_data(config, args.out):
+            workers = args.workers or available_cores()
+            for path in make_data(config, args.out, workers=workers, progress=data_commands.ProgressBar()):
                 count = sum(1 for p in path.iterdir() if p.is_dir())
                 print(f"{path}: {count} sites")
             return EXIT_OK

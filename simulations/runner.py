@@ -262,14 +262,23 @@ def report_summary(run_dir: Path) -> int:
     return 0
 
 
-def make_data(config: Config, out: str | Path | None = None) -> list[Path]:
-    """Write the procedural benchmark's site directories; return the data root's children."""
+def make_data(
+    config: Config,
+    out: str | Path | None = None,
+    *,
+    workers: int = 1,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[Path]:
+    """Write the procedural benchmark's site directories; return the data root's children.
+
+    ``workers`` processes render the sites (the files do not depend on it);
+    ``progress(done, total, "sites")`` follows them.
+    """
     from common.data import ensure_benchmark
 
     if out is not None:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=str(out)))
     config = absolute_paths(config)
-    ensure_benchmark(config.data)
+    ensure_benchmark(config.data, workers=workers, progress=progress)
     root = Path(config.data.root)
     return [p for p in (root / "train", root / "test") if p.is_dir()]
-
