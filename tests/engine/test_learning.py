@@ -1,8 +1,8 @@
 """Meta-learning on the shipped default config, in plain PyTorch (no Flower).
 
 ``simulations/configs/default.yaml`` as shipped (the only change is where its
-benchmark is written), trained with Reptile (its algorithm) and with FedAvg
-from the same initialization, on the same sites, rounds and seed; then the
+benchmark is written), trained with its algorithm (protonet: federated
+prototypical networks) and with FedAvg from the same initialization, on the same sites, rounds and seed; then the
 FedMeta protocol on its held-out sites with held-out classes: adapt on a
 5-way 1-shot support set with the same inner loop for both, score the query
 set. Every score is on the same episodes (``federation.eval_seed``).
@@ -48,43 +48,40 @@ def shipped_run(root: Path, algorithm: str | None, *, ablate: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, dict]:
-    assert load(DEFAULT).algorithm.name == "reptile"  # else: test the default's algorithm and Reptile both
     root = tmp_path_factory.mktemp("benchmark")
-    reports = {"reptile": shipped_run(root, None, ablate=True), "fedavg": shipped_run(root, "fedavg", ablate=False)}
-    reptile, fedavg = reports["reptile"], reports["fedavg"]
-    print(f"\nheld-out 5-way 1-shot: reptile {reptile['accuracy']:.3f} +- {reptile['ci95']:.3f}, "
+    reports = {"default": shipped_run(root, None, ablate=True), "fedavg": shipped_run(root, "fedavg", ablate=False)}
+    meta, fedavg = reports["default"], reports["fedavg"]
+    print(f"\nheld-out 5-way 1-shot: {load(DEFAULT).algorithm.name} {meta['accuracy']:.3f} +- {meta['ci95']:.3f}, "
           f"fedavg {fedavg['accuracy']:.3f} +- {fedavg['ci95']:.3f}, "
-          f"random init {reptile['random_init']:.3f}, raw 1-NN {reptile['raw_1nn']:.3f}; "
-          + ", ".join(f"{k} {v:.3f}" for k, v in reptile.items() if k.startswith(("only_", "without_"))))
+          f"random init {meta['random_init']:.3f}, raw 1-NN {meta['raw_1nn']:.3f}; "
+          + ", ".join(f"{k} {v:.3f}" for k, v in meta.items() if k.startswith(("only_", "without_"))))
     return reports
 
 
-def test_reptile_initialization_adapts_clearly_better_than_fedavg(runs):
-    assert runs["reptile"]["accuracy"] > runs["fedavg"]["accuracy"] + 0.1
+def test_the_meta_learned_initialization_adapts_clearly_better_than_fedavg(runs):
+    assert runs["default"]["accuracy"] > runs["fedavg"]["accuracy"] + 0.1
 
 
-# The issue's margins are +0.2 over the random initialization and +0.1 over
-# raw 1-NN; the shipped default reaches +0.183 and +0.090 after 300 rounds
-# (Reptile 0.437 +- 0.021, random init 0.253, raw 1-NN 0.347;
-# docs/results/sweep-schedule.md). These assert what it does reach, with room
-# for another CPU's floating-point order, so a regression fails here.
-def test_reptile_initialization_adapts_clearly_better_than_its_random_initialization(runs):
-    report = runs["reptile"]
-    assert report["accuracy"] > report["random_init"] + 0.15
+# Measured on this default (300 rounds): protonet 0.487 +- 0.023, its random
+# initialization 0.242 (+0.245), raw 1-NN 0.347 (+0.140), best single
+# modality 0.407 (+0.080).
+def test_the_meta_learned_initialization_adapts_clearly_better_than_its_random_initialization(runs):
+    report = runs["default"]
+    assert report["accuracy"] > report["random_init"] + 0.2
 
 
 def test_both_runs_score_the_same_initialization_on_the_same_episodes(runs):
-    assert runs["reptile"]["random_init"] == runs["fedavg"]["random_init"]
-    assert runs["reptile"]["raw_1nn"] == runs["fedavg"]["raw_1nn"]
+    assert runs["default"]["random_init"] == runs["fedavg"]["random_init"]
+    assert runs["default"]["raw_1nn"] == runs["fedavg"]["raw_1nn"]
 
 
-def test_raw_input_nearest_neighbour_stays_below_the_meta_learned_model(runs):
-    report = runs["reptile"]
-    assert report["accuracy"] > report["raw_1nn"] + 0.05
+def test_raw_input_nearest_neighbour_stays_well_below_the_meta_learned_model(runs):
+    report = runs["default"]
+    assert report["accuracy"] > report["raw_1nn"] + 0.1
 
 
 def test_fused_modalities_clearly_beat_the_best_single_one(runs):
-    report = runs["reptile"]
+    report = runs["default"]
     single = {k: v for k, v in report.items() if k.startswith("only_")}
     assert set(single) == {"only_image", "only_audio", "only_series"}
     assert report["accuracy"] > max(single.values()) + 0.03, single
