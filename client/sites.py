@@ -46,7 +46,8 @@ CONFIG_FILE_KEYS = ("config-file", "config_file")
 # is read from here, wherever Flower runs the app from.
 APP_ROOT = Path(__file__).resolve().parents[1]
 
-_lock = threading.Lock()
+# Re-entrant: building the site index reads each manifest's site_id through the same cache.
+_lock = threading.RLock()
 _tasks: dict[Config, Any] = {}
 _configs: dict[tuple, Config] = {}
 _site_ids: dict[Path, str | None] = {}

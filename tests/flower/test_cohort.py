@@ -145,3 +145,27 @@ def test_a_malformed_ray_address_is_bad_input():
 
     with pytest.raises(ConfigError, match="expected host:port"):
         check_ray_address("localhost")
+
+
+def test_the_site_index_keys_sites_by_their_manifest_site_id(smoke_data):
+    """One identifier per site: the index (built once, in a worker thread as Ray runs it) uses manifest ids."""
+    import threading
+
+    from common.config import load
+    from common.data.site import read_manifest
+
+    root = smoke_data.parent / "index-copy"
+    shutil.copytree(smoke_data, root)  # a root no other test has indexed in this process
+    built: list = []
+    worker = threading.Thread(target=lambda: built.append(sites.site_index(root)), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "building the site index blocked"
+    (index,) = built
+    declared = [str(read_manifest(p)["site_id"]) for p in index.paths]
+    assert list(index.ids) == declared and set(index.by_name) == set(declared)
+    assert [p.name for p in index.paths] == sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    config = load(SMOKE, overrides={"data.root": str(root), "data.generate": False})
+    ref = sites.site_ref(config, {"partition-id": 0}, site_id=declared[1])
+    assert (ref.site_id, ref.path) == (declared[1], index.paths[1])
+    assert sites.site_ref(config, {"partition-id": 1}).site_id == declared[1]
