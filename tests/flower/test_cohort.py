@@ -47,7 +47,7 @@ def config(smoke_config, train_only):
 
 def run(config, run_dir, *, mode: str, nodes: int):
     """mode: "query" (deployment's site query), "assigned" (simulation, one site per node), "cohort"."""
-    site_ids = None if mode == "query" else [p.name for p in sites.train_site_dirs(config.data.root)]
+    site_ids = None if mode == "query" else list(sites.site_index(config.data.root).ids)
     config = _with(config, runtime={"cohort": mode == "cohort"})
     grid = InProcessGrid(make_client_app(config), nodes)
     summary = MetaRun(config, run_dir, expected_nodes=nodes, site_ids=site_ids).execute(grid)
