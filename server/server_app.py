@@ -33,7 +33,7 @@ from client import sites as site_dirs
 from client import wire
 from common import tree
 from common.algorithms import server_opt
-from common.config import Config, to_dict
+from common.config import Config, ConfigError, to_dict
 from common.task import NOT_PRIVATE_REPRODUCIBLE, REPRODUCIBLE_NOISE_METRIC
 from server import checkpoint
 from server.aggregation import make_aggregator

@@ -88,7 +88,9 @@ def check(
             f"{Path(config.data.root) / 'train'}: the run would wait for sites that never come; "
             f"set federation.min_sites to at most {len(train)}, or add sites"
         )
-    _check_unique_site_ids([*train, *sites.test_site_dirs(config.data.root)])
+    # Train and held-out sites are told apart by where they are; within each, one id per site.
+    _check_unique_site_ids(train)
+    _check_unique_site_ids(sites.test_site_dirs(config.data.root))
 
     from common.task import Task  # the engine: torch and the model code
 

@@ -70,9 +70,12 @@ def test_the_meta_learned_initialization_adapts_clearly_better_than_its_random_i
     assert report["accuracy"] > report["random_init"] + 0.2
 
 
-def test_both_runs_score_the_same_initialization_on_the_same_episodes(runs):
-    assert runs["default"]["random_init"] == runs["fedavg"]["random_init"]
+def test_both_runs_are_scored_on_the_same_episodes(runs):
+    # Raw 1-NN needs no model: equal only if the episodes are. (The random
+    # initialization is scored the way each algorithm adapts, so it may differ:
+    # by prototypes for protonet, by a fitted head for FedAvg.)
     assert runs["default"]["raw_1nn"] == runs["fedavg"]["raw_1nn"]
+    assert runs["default"]["episodes"] == runs["fedavg"]["episodes"]
 
 
 def test_raw_input_nearest_neighbour_stays_well_below_the_meta_learned_model(runs):
