@@ -151,6 +151,18 @@ class RunFiles:
         tmp.write_text("".join(json.dumps(jsonable(line)) + "\n" for line in history))
         os.replace(tmp, self.metrics_path)
 
+    def lines(self) -> list[dict[str, Any]]:
+        """The rounds already in ``metrics.jsonl`` (a line cut short by a crash is left out)."""
+        if not self.metrics_path.is_file():
+            return []
+        out = []
+        for text in self.metrics_path.read_text().splitlines():
+            try:
+                out.append(json.loads(text))
+            except ValueError:
+                continue
+        return [line for line in out if isinstance(line, dict)]
+
     def append(self, line: dict[str, Any]) -> None:
         """One round's line, written as soon as the round ends."""
         with self.metrics_path.open("a") as f:

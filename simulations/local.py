@@ -141,13 +141,6 @@ def train(config: Config, *, task: Task | None = None, log=print, ablate: bool =
     return run
 
 
-def _lines(files: RunFiles) -> list[dict]:
-    """The rounds already in ``metrics.jsonl``."""
-    import json
-
-    return [json.loads(x) for x in files.metrics_path.read_text().splitlines() if x.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command: 0 when the run completed, 1 when it failed, 2 on bad input (nothing written)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - reported, in summary.json too, and the exit code says so
         reason = f"{type(err).__name__}: {err}"
         print(f"error: the run failed: {reason}", file=sys.stderr, flush=True)
-        files.summary(_lines(files), rounds=len(_lines(files)), wall_time_s=time.time() - session_start,
+        done = files.lines()
+        files.summary(done, rounds=len(done), wall_time_s=time.time() - session_start,
                       session_time_s=time.time() - session_start, plots=[], error=reason)
         files.close()
         return 1

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -197,6 +198,7 @@ def simulate(
     fed = config.federation
     # A call later than both timeouts is of no use to the server.
     call_timeout = max(fed.round_timeout, fed.discovery_timeout) + 10.0
+    started = time.time()
     guard = watchdog.start()  # ends Ray's processes should this process be killed
     try:
         with resilient_backend(release=server_done, call_timeout=call_timeout):
@@ -208,7 +210,7 @@ def simulate(
         cause = err.__cause__ or err
         reason = f"{type(cause).__name__}: {cause}"
         print(f"error: the run failed: {reason}", file=sys.stderr, flush=True)
-        record_failure(run_dir, reason=reason)
+        record_failure(run_dir, config=config, reason=reason, session_time_s=time.time() - started)
         if verbose:
             import traceback
 
@@ -223,22 +225,16 @@ def simulate(
     return report_summary(run_dir)
 
 
-def record_failure(run_dir: Path, *, reason: str) -> None:
-    """Write a failed summary.json for a run that died before writing its own (metrics.jsonl is kept)."""
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
+def record_failure(run_dir: Path, *, config: Config, reason: str, session_time_s: float) -> None:
+    """A failed summary.json for a run that died before writing its own (metrics.jsonl is kept)."""
+    from server.run_files import RunFiles
+
+    files = RunFiles(run_dir, config=config)
+    if files.summary_path.exists():
         return
-    rounds = 0
-    metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            try:
-                rounds = max(rounds, int(json.loads(line).get("round", 0)))
-            except (ValueError, TypeError, AttributeError):
-                continue  # a line cut short by the failure
-    tmp = summary_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"status": "failed", "reason": reason, "rounds": rounds}, indent=2) + "\n")
-    os.replace(tmp, summary_path)
+    done = files.lines()
+    files.summary(done, rounds=len(done), wall_time_s=session_time_s, session_time_s=session_time_s, plots=[],
+                  error=reason)
 
 
 def report_summary(run_dir: Path) -> int:
