@@ -121,8 +121,12 @@ def _toml_value(value: Any) -> str:
 
 
 def run_config_toml(config: Config, extra: Mapping[str, str]) -> str:
-    """Every key of ``config`` as Flower run-config overrides (dotted keys), plus ``extra``."""
-    lines = [f"{key} = {_toml_value(value)}" for key, value in flatten(config).items()]
+    """Every key of ``config`` as Flower run-config overrides (dotted keys), plus ``extra``.
+
+    ``config-file`` is emptied: the app's default file would otherwise take every
+    key that ``config`` leaves at the schema's default (client.sites.config_from_run_config).
+    """
+    lines = ['"config-file" = ""'] + [f"{key} = {_toml_value(value)}" for key, value in flatten(config).items()]
     lines += [f'"{key}" = {json.dumps(value)}' for key, value in extra.items()]
     return "\n".join(lines) + "\n"
 

@@ -35,6 +35,11 @@ def test_the_submitted_run_config_is_the_whole_config():
     flat = flatten_toml(tomllib.loads(text))
     assert flat["run-name"] == "r1"
     assert config_from_run_config(flat) == config
+    # As Flower hands it to the app: pyproject's defaults (whose config-file names the
+    # shipped default) under the overrides. Keys left at the schema's default stay so.
+    declared = flatten_toml(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    assert declared["config-file"]
+    assert config_from_run_config({**declared, **flat}) == config
 
 
 def test_every_key_written_is_one_the_app_declares():

@@ -100,7 +100,7 @@ def test_flower_run_config_defaults_mirror_the_config_schema():
     import tomllib
 
     from client.sites import config_from_run_config
-    from common.config import Config, flatten, valid_keys
+    from common.config import Config, flatten, load, valid_keys
 
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.shim_app:app"}
@@ -113,6 +113,11 @@ def test_flower_run_config_defaults_mirror_the_config_schema():
 
     run_config = flat(app["config"])
     assert set(run_config) == set(valid_keys()) | {"config-file", "resume", "run-name"}
-    assert config_from_run_config(run_config) == Config()
+    # `flwr run .` alone trains the shipped default (make demo's schedule), not the bare schema.
+    assert run_config["config-file"] == "simulations/configs/default.yaml"
+    assert config_from_run_config(run_config) == load(ROOT / "simulations/configs/default.yaml")
+    assert config_from_run_config({**run_config, "config-file": ""}) == Config()
+    # A key given a non-default value overrides the file.
+    assert config_from_run_config({**run_config, "federation.rounds": 7}).federation.rounds == 7
     defaults = flatten(Config())
     assert all(run_config[k] == (",".join(v) if isinstance(v, list) else v) for k, v in defaults.items())
