@@ -186,10 +186,6 @@ class RepliesConfig:
     max_update_norm: float = 1000.0  # absolute L2 bound; inf: none
     max_update_ratio: float = 10.0  # x the round's median update norm (3 replies or more); inf: none
     on_excess: str = "reject"  # reject | clip, for an update past either bound
-    # An update whose cosine with the round's coordinate-wise median update is
-    # below this is rejected (3 replies or more; a sign flip has an honest norm).
-    # -1: none.
-    min_cosine: float = 0.0
     # Bytes of the arrays a reply carries, checked before anything is decoded;
     # 0: 1.5 x the model's bytes plus 64 KiB.
     max_bytes: int = 0
@@ -418,7 +414,6 @@ _RANGES: dict[str, Interval] = {
     "replies.max_update_norm": Interval(0, math.inf, low_open=True, high_open=False),  # inf: no bound
     # It multiplies the median update norm: below 1 it refuses the typical honest site.
     "replies.max_update_ratio": Interval(1, math.inf, high_open=False),  # inf: no bound
-    "replies.min_cosine": Interval(-1, 1, high_open=False),  # -1: no direction check
     "replies.max_bytes": _AT_LEAST_0,  # 0: derived from the model's size
     "replies.replay_window": _AT_LEAST_0,
     "runtime.num_cpus": _POSITIVE,

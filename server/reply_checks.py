@@ -17,10 +17,7 @@ cheapest to dearest, and drops it with a reason at the first failure:
    unchanged model (phi = theta) is exempt;
 5. update bound: ``|phi - theta|`` against ``replies.max_update_norm`` and
    ``replies.max_update_ratio`` x the round's median update norm; past it the
-   update is rejected or clipped (``replies.on_excess``, :func:`bound_updates`);
-6. update direction: an update whose cosine with the round's coordinate-wise
-   median update is below ``replies.min_cosine`` is rejected (a sign flip
-   keeps an honest norm, so only its direction gives it away).
+   update is rejected or clipped (``replies.on_excess``, :func:`bound_updates`).
 
 Then the aggregation rule (:mod:`server.aggregation`) runs on what is left.
 """
@@ -35,7 +32,6 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from common import tree
@@ -152,30 +148,10 @@ class Bounded:
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
     clipped: list[int] = field(default_factory=list)
     median_norm: float = 0.0
-    rejected_direction: list[int] = field(default_factory=list)  # indices rejected by min_cosine
-
-
-def coordinate_median(deltas: list[Tree]) -> Tree:
-    """Coordinate-wise median (the mean of the two middle values for an even count)."""
-    out = {}
-    for key in deltas[0]:
-        ordered = torch.stack([d[key] for d in deltas]).sort(dim=0).values
-        n = ordered.shape[0]
-        out[key] = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
-    return out
-
-
-def cosine(a: Tree, b: Tree) -> float:
-    """Cosine of two trees as flat vectors, in float64; 1 when either is zero (no direction to refuse)."""
-    dot = sum(float(torch.sum(a[k].double() * b[k].double())) for k in a)
-    na = math.sqrt(sum(float(torch.sum(a[k].double() ** 2)) for k in a))
-    nb = math.sqrt(sum(float(torch.sum(b[k].double() ** 2)) for k in b))
-    return dot / (na * nb) if na > 0 and nb > 0 else 1.0
 
 
 def bound_updates(
     deltas: list[Tree], *, max_norm: float, max_ratio: float, on_excess: str, relative: bool = True,
-    min_cosine: float = -1.0,
 ) -> Bounded:
     """Apply the absolute bound, then the relative one (3 updates or more), to each update's L2 norm.
 
@@ -186,18 +162,6 @@ def bound_updates(
     is off under client-level DP: a decision that depends on the other sites'
     updates would let one site change another's contribution, which the DP
     sensitivity (one clipped update) does not cover.
-
-    Then, with 3 updates or more left and ``relative`` on, the direction: an
-    update whose cosine with the coordinate-wise median of the updates left is
-    below ``min_cosine`` is rejected (clipping cannot repair a direction). The
-    reference is FLTrust's idea (Cao et al., "FLTrust: Byzantine-robust
-    Federated Learning via Trust Bootstrapping", NDSS 2021: drop updates at
-    negative cosine to a trusted update) with the coordinate-wise median (Yin
-    et al. 2018) in place of the server's root dataset, which a federation of
-    private sites does not have. It stops a sign flip or any update pointing
-    away from the majority; it does not stop an attacker who stays just inside
-    the cone, and an honest site whose data pull against the others' is
-    refused too (the cost is in the README's robustness table).
     """
     out = Bounded()
     norms = [float(tree.global_norm(d).double()) for d in deltas]
@@ -226,19 +190,6 @@ def bound_updates(
                 continue
         out.kept.append(i)
         out.deltas.append(d)
-    if relative and min_cosine > -1.0 and len(out.kept) >= 3:
-        reference = coordinate_median(out.deltas)
-        kept, kept_deltas = [], []
-        for i, d in zip(out.kept, out.deltas):
-            c = cosine(d, reference)
-            if c < min_cosine:
-                out.rejected.append((i, f"update points away from the round's median update (cosine {c:.3f} < "
-                                        f"replies.min_cosine={min_cosine:g})"))
-                out.rejected_direction.append(i)
-                continue
-            kept.append(i)
-            kept_deltas.append(d)
-        out.kept, out.deltas = kept, kept_deltas
     out.rejected.sort()
     out.clipped.sort()
     return out

@@ -637,11 +637,9 @@ class MetaStrategy(FedAvg):
         bounded = bound_updates(
             [tree.sub(phi, theta) for _, _, phi, _, _, _ in fresh], max_norm=rules.max_update_norm,
             max_ratio=rules.max_update_ratio, on_excess=rules.on_excess, relative=self._relative_bound,
-            min_cosine=rules.min_cosine,
         )
         for i, reason in bounded.rejected:
-            check = "update_direction" if i in bounded.rejected_direction else "update_norm"
-            self._reject(rec, r, fresh[i][0], fresh[i][1], "invalid", reason, check=check)
+            self._reject(rec, r, fresh[i][0], fresh[i][1], "invalid", reason, check="update_norm")
         rec["clipped"] = len(bounded.clipped)
         rec["median_update_norm"] = bounded.median_norm
         updates = [fresh[i] for i in bounded.kept]

@@ -14,7 +14,7 @@ meta-tested on the held-out sites (same episodes for every row).
 Attacks (site 0, every round): ``x100`` sends ``theta + 100 (phi - theta)``,
 ``1e30`` sends every weight at 1e30, ``signflip`` sends ``theta - (phi - theta)``.
 Rule ``none`` is the mean without update bounds (``replies.max_update_norm`` and
-``max_update_ratio`` at inf, ``min_cosine`` at -1): the undefended baseline.
+``max_update_ratio`` at inf): the undefended baseline.
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ RULES = ("none", "mean", "median", "trimmed_mean", "multikrum", "clipped_mean")
 
 def rule_config(config: Config, rule: str) -> Config:
     if rule == "none":  # the undefended mean
-        replies = dataclasses.replace(config.replies, max_update_norm=math.inf, max_update_ratio=math.inf,
-                                      min_cosine=-1.0)
+        replies = dataclasses.replace(config.replies, max_update_norm=math.inf, max_update_ratio=math.inf)
         aggregation = dataclasses.replace(config.aggregation, rule="mean")
         return dataclasses.replace(config, replies=replies, aggregation=aggregation)
     return dataclasses.replace(config, aggregation=dataclasses.replace(config.aggregation, rule=rule))
@@ -82,8 +81,7 @@ def run_row(config: Config, task: Task, train_sites, test_sites, attack: str) ->
         # The strategy drops non-finite replies before the bounds (they never reach them).
         finite = [i for i, phi in enumerate(phis) if tree.is_finite(phi)]
         bounded = bound_updates([tree.sub(phis[i], params) for i in finite], max_norm=rules.max_update_norm,
-                                max_ratio=rules.max_update_ratio, on_excess=rules.on_excess,
-                                min_cosine=rules.min_cosine)
+                                max_ratio=rules.max_update_ratio, on_excess=rules.on_excess)
         rejected += len(bounded.rejected) + len(phis) - len(finite)
         clipped += len(bounded.clipped)
         delta = aggregator.aggregate(bounded.deltas, [weights[finite[i]] for i in bounded.kept], template=params,

@@ -35,13 +35,13 @@ SCHEDULE = {
     4: "scaled_x100",
     5: "wrong_round",  # labelled with round 4's round and nonce
     6: "oversized_extra_array",
-    7: "sign_flip",  # an honest norm: refused by its direction (replies.min_cosine)
+    7: "sign_flip",  # accepted by the mean: not a norm outlier
     8: "metrics_out_of_range",  # accepted; its metrics are dropped
     9: "raises",
 }
 ROUNDS = len(SCHEDULE)
 REJECTED = {"stale_replay": "replayed", "finite_1e30": "update_norm", "scaled_x100": "update_norm",
-            "wrong_round": "wrong_round", "oversized_extra_array": "oversized", "sign_flip": "update_direction"}
+            "wrong_round": "wrong_round", "oversized_extra_array": "oversized"}
 
 
 def fault_config(data_root: str | Path, run_dir: str | Path) -> Config:

@@ -2,9 +2,8 @@
 
 One run (``tests/reliability/faulty_run.py``, the project's ServerApp and its
 ClientApp wrapped by an attacking one; about 40 s on 2 cores), then per round:
-the bad reply is refused and counted under the check that caught it (the sign
-flip by its direction; the out-of-range metrics are dropped and the reply
-accepted, as the rules say), and the
+the bad reply is refused and counted under the check that caught it (or, for
+the sign flip and the out-of-range metrics, accepted as the rules say), and the
 next global model is ``torch.equal`` to the server's rule applied to the replies
 it should have accepted, recomputed from what each site sent.
 """
@@ -93,7 +92,6 @@ def test_reasons_and_metrics_of_the_bad_rounds(faulty_run):
     assert "repeats an earlier reply" in reason("stale_replay")
     assert "not for round 5" in reason("wrong_round")
     assert "over the cap" in reason("oversized_extra_array")
-    assert "points away from the round's median update" in reason("sign_flip") and "min_cosine=0" in reason("sign_flip")
     # A site's exception: type, message and file, no ANSI codes or Ray's header, bounded.
     raised = reason("raises")
     assert raised.startswith("ValueError: cannot read ") and "labels.npy: injected fault" in raised, raised
