@@ -159,7 +159,7 @@ def _experiment(args: argparse.Namespace, config) -> int:
             _, text = experiments.plan(config, level=args.level, target_epsilon=args.target_epsilon,
                                        num_sites=len(prepare_data(config)))
             print(text)
-    except experiments.RunFailed as err:
+    except (experiments.RunFailed, experiments.SomeRunsFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK

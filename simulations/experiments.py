@@ -31,21 +31,42 @@ class RunFailed(RuntimeError):
     """One of the experiment's simulations did not complete."""
 
 
+class SomeRunsFailed(RuntimeError):
+    """The experiment's table was written, but some of its runs ended as failed (their rows say why)."""
+
+
 def _timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def run_one(config: Config, *, name: str, output_dir: Path) -> Path:
-    """Run one simulation in the foreground; return its run directory."""
+def run_one(config: Config, *, name: str, output_dir: Path, keep_failed: bool = False) -> Path:
+    """Run one simulation in the foreground; return its run directory.
+
+    ``keep_failed``: a run that ended as failed (exit code 1, its summary.json
+    says why) is returned too, as long as it reached a meta-test: under
+    heavy noise a model that diverges is a result of the experiment, not a
+    reason to drop the runs still to come.
+    """
     from simulations.runner import simulate
 
     output_dir.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(config, name=name, output_dir=str(output_dir))
     code = simulate(config)
     runs = sorted(output_dir.glob(f"{name}-*"))
+    if keep_failed and code == 1 and runs and any(r.get("meta_test") for r in read_metrics(runs[-1])):
+        return runs[-1]
     if code != 0 or not runs:
         raise RunFailed(f"the run '{name}' failed (exit code {code}); see its output above")
     return runs[-1]
+
+
+def run_status(run_dir: Path) -> tuple[str, str]:
+    """(status, reason) from a run's summary.json; reason empty when it completed."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return "failed", "no readable summary.json"
+    return str(summary.get("status", "failed")), str(summary.get("reason", ""))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -285,10 +306,12 @@ def privacy_sweep(
         rows.append({"level": "none", "target_epsilon": math.inf, "epsilon": math.inf, "noise_multiplier": 0.0,
                      "accuracy": final["accuracy"], "ci95": final["ci95"], "run_dir": str(run_dir)})
     for level, target, cfg, ledger_dir in private:
-        run_dir = run_one(cfg, name=f"{level}-eps{target:g}", output_dir=out / "runs")
+        run_dir = run_one(cfg, name=f"{level}-eps{target:g}", output_dir=out / "runs", keep_failed=True)
         final = final_meta_test(run_dir)
+        status, reason = run_status(run_dir)
         row: dict[str, Any] = {"level": level, "target_epsilon": target, "accuracy": final["accuracy"],
-                               "ci95": final["ci95"], "run_dir": str(run_dir)}
+                               "ci95": final["ci95"], "run_dir": str(run_dir), "status": status,
+                               **({"reason": reason} if reason else {})}
         if level == "record":
             sites = _site_epsilons(ledger_dir)
             row.update(noise_multiplier=cfg.privacy.record.noise_multiplier,
@@ -308,15 +331,23 @@ def privacy_sweep(
         f"that often or less with probability {PARTICIPATION_COVERAGE:g}; {expected_participations(config, num_sites):g} "
         "on average); a site sampled more often refuses once the next round would pass the target.",
         "",
-        "| level | target epsilon | epsilon reached | noise multiplier | accuracy | 95% CI |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| level | target epsilon | epsilon reached | noise multiplier | accuracy | 95% CI | run |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         lines.append(f"| {row['level']} | {_fmt(row['target_epsilon'], 1)} | {_fmt(row['epsilon'], 2)} | "
-                     f"{_fmt(row['noise_multiplier'], 3)} | {_fmt(row['accuracy'])} | ± {_fmt(row['ci95'])} |")
+                     f"{_fmt(row['noise_multiplier'], 3)} | {_fmt(row['accuracy'])} | ± {_fmt(row['ci95'])} | "
+                     f"{row.get('status', 'completed')} |")
+    failed = [row for row in rows if row.get("status", "completed") != "completed"]
+    if failed:
+        lines += ["", "Failed runs (accuracy: their last meta-test):"]
+        lines += [f"- {row['level']} epsilon {_fmt(row['target_epsilon'], 1)}: {row.get('reason', '')}" for row in failed]
     from simulations.experiment_plots import plot_privacy_sweep
 
-    return _write_results(out, stem="privacy_sweep", lines=lines, rows=rows, plot=plot_privacy_sweep)
+    written = _write_results(out, stem="privacy_sweep", lines=lines, rows=rows, plot=plot_privacy_sweep)
+    if failed:
+        raise SomeRunsFailed(f"{len(failed)} of {len(rows)} runs ended as failed (see the table in {written})")
+    return written
 
 
 def _write_results(out: Path, *, stem: str, lines: list[str], rows: list[dict[str, Any]], plot) -> Path:

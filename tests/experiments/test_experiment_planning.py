@@ -129,3 +129,26 @@ def test_privacy_sweep_refuses_a_level_that_cannot_run_before_any_run(tmp_path, 
     assert cli.main(args) == cli.EXIT_USAGE
     assert named in capsys.readouterr().err
     assert not list(out.rglob("metrics.jsonl"))  # nothing ran
+
+
+def test_a_private_run_that_fails_is_a_row_of_the_table_and_the_sweep_exits_1(tmp_path, capsys):
+    """A diverged private run is a result: its row (last meta-test, status, reason) is written, the rest still run."""
+    import json
+
+    from simulations import cli
+
+    out = tmp_path / "out"
+    # Every reply is past the absolute update bound, so no round has a valid update: the run ends as failed.
+    args = ["privacy-sweep", "--config", str(SMOKE), "--epsilons", "8,4", "--levels", "client",
+            "--set", f"data.root={tmp_path / 'data'}", "--set", f"output_dir={out}",
+            "--set", "replies.max_update_norm=1e-12", "--set", "federation.rounds=2"]
+    assert cli.main(args) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "2 of 2 runs ended as failed" in err
+    (table,) = out.rglob("privacy_sweep.json")
+    rows = json.loads(table.read_text())
+    assert [(r["level"], r["target_epsilon"], r["status"]) for r in rows] == [("client", 8.0, "failed"),
+                                                                             ("client", 4.0, "failed")]
+    assert all("no valid site update" in r["reason"] and 0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    text = (table.parent / "privacy_sweep.md").read_text()
+    assert "| failed |" in text and "Failed runs" in text
