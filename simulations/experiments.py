@@ -304,7 +304,8 @@ def privacy_sweep(
         run_dir = run_one(base, name="non-private", output_dir=out / "runs")
         final = final_meta_test(run_dir)
         rows.append({"level": "none", "target_epsilon": math.inf, "epsilon": math.inf, "noise_multiplier": 0.0,
-                     "accuracy": final["accuracy"], "ci95": final["ci95"], "run_dir": str(run_dir)})
+                     "accuracy": final["accuracy"], "ci95": final["ci95"], "run_dir": str(run_dir),
+                     "status": "completed"})
     for level, target, cfg, ledger_dir in private:
         run_dir = run_one(cfg, name=f"{level}-eps{target:g}", output_dir=out / "runs", keep_failed=True)
         final = final_meta_test(run_dir)
@@ -337,8 +338,8 @@ def privacy_sweep(
     for row in rows:
         lines.append(f"| {row['level']} | {_fmt(row['target_epsilon'], 1)} | {_fmt(row['epsilon'], 2)} | "
                      f"{_fmt(row['noise_multiplier'], 3)} | {_fmt(row['accuracy'])} | ± {_fmt(row['ci95'])} | "
-                     f"{row.get('status', 'completed')} |")
-    failed = [row for row in rows if row.get("status", "completed") != "completed"]
+                     f"{row['status']} |")
+    failed = [row for row in rows if row["status"] != "completed"]
     if failed:
         lines += ["", "Failed runs (accuracy: their last meta-test):"]
         lines += [f"- {row['level']} epsilon {_fmt(row['target_epsilon'], 1)}: {row.get('reason', '')}" for row in failed]
